@@ -1,0 +1,88 @@
+use crate::{Error, Result};
+use std::str::FromStr;
+
+/// Identity of an embedding model: its id (hub id or directory name) and output dimension.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    pub id: String,
+    pub dim: usize,
+}
+
+/// A preprocessed image: normalised CHW f32 values, ready for a vision encoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pixels {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+/// Turns decoded images into embeddings. Implementations are thread-safe so that the
+/// engine can preprocess on several threads while one batch runs the model.
+pub trait ImageEmbedder: Send + Sync {
+    fn model(&self) -> &ModelInfo;
+    /// Shortest side, in pixels, the preprocessor resizes to; a decoder may downscale a
+    /// large image to anything at least this big (twice, for quality) before `preprocess`.
+    fn input_side(&self) -> u32;
+    /// Resize, crop and normalise one decoded (already EXIF-oriented) image.
+    fn preprocess(&self, image: &image::DynamicImage) -> Result<Pixels>;
+    /// Embed a batch of preprocessed images; one L2-normalised vector per input.
+    fn embed_pixels(&self, batch: &[Pixels]) -> Result<Vec<Vec<f32>>>;
+}
+
+/// Turns text queries into embeddings in the same space as the image embedder.
+pub trait TextEmbedder: Send + Sync {
+    fn model(&self) -> &ModelInfo;
+    /// One L2-normalised vector per text.
+    fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>>;
+    /// The model's learned temperature, exp(logit_scale), for zero-shot softmax.
+    fn logit_scale(&self) -> f32;
+}
+
+/// Where models run. Parsed from `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::BadDevice(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn parse_device() {
+        assert_eq!("CPU".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:2".parse::<Device>().unwrap(), Device::Cuda(2));
+        assert!("cuda:x".parse::<Device>().is_err());
+        assert!("tpu".parse::<Device>().is_err());
+    }
+}

@@ -1,0 +1,31 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] magpie_store::Error),
+    #[error(transparent)]
+    Index(#[from] magpie_index::Error),
+    #[error(transparent)]
+    Media(#[from] magpie_media::Error),
+    #[error("model: {0}")]
+    Model(#[from] magpie_core::Error),
+    #[error("{}: {message}", path.display())]
+    Path { path: PathBuf, message: String },
+    #[error("no indexed image with id {0}")]
+    UnknownId(i64),
+    #[error("{}: not in the library; index its folder first, or pass an image file", .0.display())]
+    NotIndexed(PathBuf),
+    #[error("the library at {} is empty: run `magpie index DIR` first", .0.display())]
+    Empty(PathBuf),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn path(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Error::Path { path: path.into(), message: message.to_string() }
+    }
+}

@@ -1,0 +1,500 @@
+//! The indexing pipeline. Decoding and preprocessing run on a pool of threads while the
+//! model embeds the previous batch; each embedded batch is committed to SQLite in one
+//! transaction and only then added to the vector index.
+
+use crate::{Error, Library, Result};
+use magpie_core::{Embedding, ImageEmbedder, Pixels};
+use magpie_media::DecodeOptions;
+use magpie_store::{FileState, FileStatus, NewFile, RootId};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// Extensions that mark a file as meant to be an image: such a file that does not decode
+/// is reported as a failure; any other non-image file is silently ignored.
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "dib", "tif", "tiff", "heic", "heif", "avif",
+];
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct IndexOptions {
+    /// Images per model call.
+    pub batch_size: usize,
+    /// Threads decoding and preprocessing (0: one per core).
+    pub decode_threads: usize,
+    /// Images declaring more pixels than this are refused (decompression bombs).
+    pub max_pixels: u64,
+    /// How often the vector index is saved during a long run.
+    pub save_every: Duration,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            decode_threads: 0,
+            max_pixels: DecodeOptions::default().max_pixels,
+            save_every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A snapshot of a running index job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    /// Files that need work (new or changed), known once the walk is over.
+    pub total: u64,
+    /// Of those, finished (embedded or failed).
+    pub done: u64,
+    pub failed: u64,
+    /// Files seen so far by the walk.
+    pub scanned: u64,
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Files per second over the run so far.
+    pub fn rate(&self) -> f64 {
+        self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What an index run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IndexReport {
+    pub scanned: u64,
+    pub unchanged: u64,
+    pub added: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    /// Non-image files without an image extension, skipped silently.
+    pub ignored: u64,
+    /// Files (or folders) that could not be indexed, with the reason.
+    pub failed: Vec<(PathBuf, String)>,
+    pub elapsed: Duration,
+}
+
+impl IndexReport {
+    /// Images embedded per second in this run.
+    pub fn rate(&self) -> f64 {
+        (self.added + self.updated) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A file the walk found new or changed.
+#[derive(Debug, Clone)]
+struct Candidate {
+    root_id: RootId,
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+    existing: bool,
+}
+
+/// What the decode stage made of a candidate.
+enum Prepared {
+    Ready { cand: Candidate, hash: String, meta: magpie_store::ImageMeta, pixels: Pixels },
+    Failed { cand: Candidate, reason: String },
+    Ignored,
+}
+
+/// What the embed stage hands to the committing side.
+enum Batch {
+    Embedded(Vec<NewFile>, Vec<bool>),
+    Failed(Candidate, String),
+    Ignored,
+}
+
+pub(crate) fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos().min(i64::MAX as u128) as i64)
+        .unwrap_or(0)
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+/// Strips the leading "path: " that media errors carry: the row already names the file.
+fn reason(path: &Path, e: impl std::fmt::Display) -> String {
+    let msg = e.to_string();
+    let prefix = format!("{}: ", path.display());
+    msg.strip_prefix(&prefix).map(str::to_string).unwrap_or(msg)
+}
+
+fn to_store_meta(m: &magpie_media::ImageMeta) -> magpie_store::ImageMeta {
+    magpie_store::ImageMeta {
+        width: m.width,
+        height: m.height,
+        format: m.format.as_str().to_string(),
+        exif: magpie_store::Exif {
+            taken_at: m.exif.taken_at.clone(),
+            camera_make: m.exif.camera_make.clone(),
+            camera_model: m.exif.camera_model.clone(),
+            orientation: m.exif.orientation,
+            gps_lat: m.exif.gps_lat,
+            gps_lon: m.exif.gps_lon,
+        },
+    }
+}
+
+/// The first bytes of a file, enough for [`magpie_media::sniff`].
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(path)?.take(4096).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// Read, sniff, hash, decode (at reduced scale when enough) and preprocess one file.
+fn prepare(cand: Candidate, embedder: &dyn ImageEmbedder, opts: &DecodeOptions) -> Prepared {
+    // A file not named like an image is read only as far as sniffing needs: photo
+    // folders hold videos and archives too, and ignored files are looked at every run.
+    if !has_image_extension(&cand.path) {
+        match read_head(&cand.path) {
+            Ok(head) if magpie_media::sniff(&head).is_none() => return Prepared::Ignored,
+            Ok(_) => {}
+            Err(e) => {
+                let r = reason(&cand.path, e);
+                return Prepared::Failed { cand, reason: r };
+            }
+        }
+    }
+    let bytes = match std::fs::read(&cand.path) {
+        Ok(b) => b,
+        Err(e) => {
+            let r = reason(&cand.path, e);
+            return Prepared::Failed { cand, reason: r };
+        }
+    };
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    let decoded = match magpie_media::decode_bytes(&bytes, opts, &cand.path) {
+        Ok(d) => d,
+        Err(e) => {
+            let r = reason(&cand.path, e);
+            return Prepared::Failed { cand, reason: r };
+        }
+    };
+    drop(bytes);
+    match embedder.preprocess(&decoded.image) {
+        Ok(pixels) => Prepared::Ready { cand, hash, meta: to_store_meta(&decoded.meta), pixels },
+        Err(e) => Prepared::Failed { reason: format!("preprocessing failed: {e}"), cand },
+    }
+}
+
+/// Decode stage on `threads` threads, embed stage on one, results on `out`.
+fn run_pipeline(
+    cands: Vec<Candidate>,
+    embedder: Arc<dyn ImageEmbedder>,
+    opts: IndexOptions,
+    cancel: Arc<AtomicBool>,
+    out: tokio::sync::mpsc::Sender<Batch>,
+) {
+    let threads = if opts.decode_threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        opts.decode_threads
+    };
+    let decode = DecodeOptions { max_pixels: opts.max_pixels, min_side: Some(embedder.input_side()) };
+    let cands = Arc::new(cands);
+    let next = Arc::new(AtomicUsize::new(0));
+    let batch = opts.batch_size.max(1);
+    let (tx, rx) = mpsc::sync_channel::<Prepared>(batch * 2);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (cands, next, tx, embedder, cancel) = (cands.clone(), next.clone(), tx.clone(), embedder.clone(), cancel.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= cands.len() || cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                if tx.send(prepare(cands[i].clone(), embedder.as_ref(), &decode)).is_err() {
+                    break;
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut pending: Vec<(Candidate, String, magpie_store::ImageMeta, Pixels)> = Vec::with_capacity(batch);
+    let flush = |pending: &mut Vec<(Candidate, String, magpie_store::ImageMeta, Pixels)>| -> bool {
+        if pending.is_empty() {
+            return true;
+        }
+        let items = std::mem::take(pending);
+        let pixels: Vec<Pixels> = items.iter().map(|i| i.3.clone()).collect();
+        let model = embedder.model().id.clone();
+        let msg = match embedder.embed_pixels(&pixels) {
+            Ok(vectors) if vectors.len() == items.len() => {
+                let mut files = Vec::with_capacity(items.len());
+                let mut existing = Vec::with_capacity(items.len());
+                let mut failures = Vec::new();
+                for ((cand, hash, meta, _), v) in items.into_iter().zip(vectors) {
+                    match Embedding::normalized(model.clone(), v) {
+                        Ok(embedding) => {
+                            existing.push(cand.existing);
+                            files.push(NewFile {
+                                root_id: cand.root_id,
+                                path: cand.path,
+                                size: cand.size,
+                                mtime_ns: cand.mtime_ns,
+                                content_hash: hash,
+                                meta,
+                                embedding,
+                            });
+                        }
+                        Err(e) => failures.push(Batch::Failed(cand, format!("embedding failed: {e}"))),
+                    }
+                }
+                let mut ok = out.blocking_send(Batch::Embedded(files, existing)).is_ok();
+                for f in failures {
+                    ok &= out.blocking_send(f).is_ok();
+                }
+                return ok;
+            }
+            Ok(v) => format!("model returned {} vectors for {} images", v.len(), items.len()),
+            Err(e) => format!("embedding failed: {e}"),
+        };
+        items.into_iter().all(|(cand, ..)| out.blocking_send(Batch::Failed(cand, msg.clone())).is_ok())
+    };
+    for p in rx.iter() {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        let sent = match p {
+            Prepared::Ready { cand, hash, meta, pixels } => {
+                pending.push((cand, hash, meta, pixels));
+                pending.len() < batch || flush(&mut pending)
+            }
+            Prepared::Failed { cand, reason } => out.blocking_send(Batch::Failed(cand, reason)).is_ok(),
+            Prepared::Ignored => out.blocking_send(Batch::Ignored).is_ok(),
+        };
+        if !sent {
+            cancel.store(true, Ordering::Relaxed);
+            break;
+        }
+    }
+    if !cancel.load(Ordering::Relaxed) {
+        flush(&mut pending);
+    }
+    drop(rx);
+    for w in workers {
+        let _ = w.join();
+    }
+}
+
+/// Walks one root, comparing with what the store knows. Returns the candidates and the
+/// known paths that were not seen (deleted).
+fn walk_root(
+    root: &Path,
+    root_id: RootId,
+    known: &HashMap<PathBuf, FileState>,
+    report: &mut IndexReport,
+    cands: &mut Vec<Candidate>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    walk_errors: &mut Vec<(PathBuf, String)>,
+) {
+    // follow_links: photos folders often link elsewhere; walkdir detects loops and
+    // reports them as errors instead of descending forever.
+    for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
+                let msg = if e.loop_ancestor().is_some() {
+                    "symbolic link loop, not followed".to_string()
+                } else {
+                    e.io_error().map(|io| io.to_string()).unwrap_or_else(|| e.to_string())
+                };
+                walk_errors.push((path, msg));
+                continue;
+            }
+        };
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.path().to_path_buf();
+        let md = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                walk_errors.push((path, e.to_string()));
+                continue;
+            }
+        };
+        if !seen.insert(path.clone()) {
+            continue; // already walked under another root of this run
+        }
+        report.scanned += 1;
+        let (size, mtime) = (md.len(), mtime_ns(&md));
+        let prior = known.get(&path);
+        if let Some(k) = prior {
+            let same = k.size == size && k.mtime_ns == mtime;
+            if same && matches!(k.status, FileStatus::Indexed | FileStatus::Failed) {
+                report.unchanged += 1;
+                continue;
+            }
+        }
+        cands.push(Candidate {
+            root_id,
+            path,
+            size,
+            mtime_ns: mtime,
+            existing: prior.is_some_and(|k| k.status != FileStatus::Deleted),
+        });
+    }
+}
+
+impl Library {
+    /// Indexes the folders `roots`: new files are embedded, changed ones re-embedded,
+    /// unchanged ones skipped, vanished ones turned into tombstones. A file that fails is
+    /// recorded with its reason and the run goes on. Progress goes to `progress`.
+    pub async fn index(
+        &self,
+        roots: &[PathBuf],
+        embedder: Arc<dyn ImageEmbedder>,
+        opts: &IndexOptions,
+        progress: &(dyn Fn(&Progress) + Sync),
+    ) -> Result<IndexReport> {
+        self.index_cancellable(roots, embedder, opts, progress, Arc::new(AtomicBool::new(false))).await
+    }
+
+    /// [`index`](Self::index) that stops early (after committing what is done) when
+    /// `cancel` becomes true.
+    pub async fn index_cancellable(
+        &self,
+        roots: &[PathBuf],
+        embedder: Arc<dyn ImageEmbedder>,
+        opts: &IndexOptions,
+        progress: &(dyn Fn(&Progress) + Sync),
+        cancel: Arc<AtomicBool>,
+    ) -> Result<IndexReport> {
+        if embedder.model() != &self.model {
+            return Err(Error::Model(magpie_core::Error::ModelMismatch {
+                expected: self.model.id.clone(),
+                got: embedder.model().id.clone(),
+            }));
+        }
+        let start = Instant::now();
+        let mut report = IndexReport::default();
+        let mut cands = Vec::new();
+        let mut deleted = Vec::new();
+        let mut walk_errors = Vec::new();
+        let mut walked = Vec::with_capacity(roots.len());
+        for root in roots {
+            let root = std::fs::canonicalize(root).map_err(|e| Error::path(root, e))?;
+            if !root.is_dir() {
+                return Err(Error::path(&root, "not a directory"));
+            }
+            let r = self.store.add_root(&root).await?;
+            walked.push((root, r.id));
+        }
+        // What the library knows, by path, whichever root a file was found under: a
+        // folder indexed both on its own and as part of a parent must not be re-embedded
+        // (or counted as new) each time the other root is walked.
+        let mut known: HashMap<PathBuf, FileState> = HashMap::new();
+        for r in self.store.roots().await? {
+            known.extend(self.store.files_under_root(r.id).await?.into_iter().map(|f| (f.path.clone(), f)));
+        }
+        let mut seen: std::collections::HashSet<PathBuf> = Default::default();
+        for (root, rid) in &walked {
+            let (root2, rid) = (root.clone(), *rid);
+            let (rep, cs, seen2, errs, known2) = tokio::task::spawn_blocking(move || {
+                let (mut rep, mut cs, mut errs) = (IndexReport::default(), Vec::new(), Vec::new());
+                walk_root(&root2, rid, &known, &mut rep, &mut cs, &mut seen, &mut errs);
+                (rep, cs, seen, errs, known)
+            })
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?;
+            (seen, known) = (seen2, known2);
+            report.scanned += rep.scanned;
+            report.unchanged += rep.unchanged;
+            cands.extend(cs);
+            walk_errors.extend(errs);
+        }
+        deleted.extend(
+            known
+                .values()
+                .filter(|k| k.status != FileStatus::Deleted && !seen.contains(&k.path))
+                .filter(|k| walked.iter().any(|(root, _)| k.path.starts_with(root)))
+                .map(|k| k.id),
+        );
+        for (path, msg) in walk_errors {
+            self.store.log_failure(&path, &msg).await?;
+            report.failed.push((path, msg));
+        }
+        if !deleted.is_empty() {
+            report.deleted = self.store.mark_deleted(&deleted).await?;
+            let mut ix = self.index.write().expect("index lock");
+            for id in &deleted {
+                ix.remove(*id);
+            }
+        }
+
+        let mut prog = Progress { total: cands.len() as u64, scanned: report.scanned, ..Default::default() };
+        progress(&prog);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);
+        let pipeline = {
+            let (embedder, opts, cancel) = (embedder.clone(), opts.clone(), cancel.clone());
+            tokio::task::spawn_blocking(move || run_pipeline(cands, embedder, opts, cancel, tx))
+        };
+        let mut last_save = Instant::now();
+        let mut dirty = report.deleted > 0;
+        while let Some(b) = rx.recv().await {
+            match b {
+                Batch::Embedded(files, existing) => {
+                    let committed = self.store.commit_batch(&files).await?;
+                    {
+                        let items: Vec<(i64, &[f32])> =
+                            committed.ids.iter().zip(&files).map(|(id, f)| (*id, f.embedding.vector())).collect();
+                        let mut ix = self.index.write().expect("index lock");
+                        ix.insert(&items)?;
+                        ix.set_generation(committed.generation);
+                    }
+                    dirty = true;
+                    for e in existing {
+                        if e {
+                            report.updated += 1
+                        } else {
+                            report.added += 1
+                        }
+                    }
+                    prog.done += files.len() as u64;
+                }
+                Batch::Failed(cand, why) => {
+                    let id = self.store.record_failure(cand.root_id, &cand.path, cand.size, cand.mtime_ns, &why).await?;
+                    // A file that was indexed and now fails leaves the index; save that.
+                    dirty |= self.index.write().expect("index lock").remove(id);
+                    report.failed.push((cand.path, why));
+                    prog.done += 1;
+                    prog.failed += 1;
+                }
+                Batch::Ignored => {
+                    report.ignored += 1;
+                    prog.done += 1;
+                }
+            }
+            prog.elapsed = start.elapsed();
+            progress(&prog);
+            if dirty && last_save.elapsed() >= opts.save_every {
+                self.save_index().await?;
+                last_save = Instant::now();
+                dirty = false;
+            }
+        }
+        pipeline.await.map_err(|e| Error::Task(e.to_string()))?;
+        if dirty {
+            self.save_index().await?;
+        }
+        report.elapsed = start.elapsed();
+        Ok(report)
+    }
+}
+

@@ -1,0 +1,512 @@
+mod common;
+
+use common::*;
+use magpie_media::image::{self, DynamicImage, GenericImageView, ImageFormat, Rgb, Rgba};
+use magpie_media::{decode_bytes, decode_file, thumbnail, to_rgb8, DecodeOptions, Error, Format};
+
+fn opts() -> DecodeOptions {
+    DecodeOptions::default()
+}
+
+/// Four flat quadrants (red, green, blue, white): survives lossy codecs, shows flips.
+fn quadrants(w: u32, h: u32) -> DynamicImage {
+    DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| {
+        match (x < w / 2, y < h / 2) {
+            (true, true) => Rgb([255, 0, 0]),
+            (false, true) => Rgb([0, 255, 0]),
+            (true, false) => Rgb([0, 0, 255]),
+            (false, false) => Rgb([255, 255, 255]),
+        }
+    }))
+}
+
+fn assert_near(got: [u8; 3], want: [u8; 3], tol: u8, what: &str) {
+    for c in 0..3 {
+        assert!(
+            got[c].abs_diff(want[c]) <= tol,
+            "{what}: got {got:?}, want {want:?} (±{tol})"
+        );
+    }
+}
+
+fn assert_quadrants(img: &DynamicImage, tol: u8, what: &str) {
+    let rgb = to_rgb8(img);
+    let (w, h) = rgb.dimensions();
+    let at = |x, y| rgb.get_pixel(x, y).0;
+    assert_near(at(w / 4, h / 4), [255, 0, 0], tol, what);
+    assert_near(at(3 * w / 4, h / 4), [0, 255, 0], tol, what);
+    assert_near(at(w / 4, 3 * h / 4), [0, 0, 255], tol, what);
+    assert_near(at(3 * w / 4, 3 * h / 4), [255, 255, 255], tol, what);
+}
+
+#[test]
+fn every_format_decodes_by_content_under_a_wrong_name() {
+    let img = quadrants(64, 48);
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (ImageFormat::Png, Format::Png, "photo.jpg", 0),
+        (ImageFormat::Jpeg, Format::Jpeg, "photo.png", 40),
+        (ImageFormat::Gif, Format::Gif, "photo.bmp", 8),
+        (ImageFormat::WebP, Format::WebP, "photo.gif", 0),
+        (ImageFormat::Bmp, Format::Bmp, "photo.tiff", 0),
+        (ImageFormat::Tiff, Format::Tiff, "photo.webp", 0),
+    ];
+    for (encode_as, want, name, tol) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, encode(&img, encode_as)).unwrap();
+        let d = decode_file(&path, &opts()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(d.meta.format, want, "{name}");
+        assert_eq!((d.meta.width, d.meta.height), (64, 48), "{name}");
+        assert_eq!(d.image.dimensions(), (64, 48), "{name}");
+        assert_quadrants(&d.image, tol, name);
+    }
+}
+
+#[test]
+fn text_named_jpg_is_not_an_image_and_says_which_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.jpg");
+    std::fs::write(&path, "shopping list: eggs, milk\n").unwrap();
+    let err = decode_file(&path, &opts()).unwrap_err();
+    assert!(matches!(err, Error::NotAnImage { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("{}: not an image (unrecognised content)", path.display())
+    );
+    assert_eq!(err.path(), Some(path.as_path()));
+}
+
+#[test]
+fn empty_and_missing_files_are_errors_with_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    let err = decode_file(&empty, &opts()).unwrap_err();
+    assert!(matches!(err, Error::Empty { .. }), "{err:?}");
+    assert_eq!(err.to_string(), format!("{}: empty file", empty.display()));
+
+    let missing = dir.path().join("gone.jpg");
+    let err = decode_file(&missing, &opts()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: ", missing.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn heic_and_avif_are_named_as_unsupported() {
+    let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic\0\0\0\0meta";
+    let err = decode_bytes(heic, &opts(), "IMG_0001.JPG").unwrap_err();
+    assert_eq!(err.to_string(), "IMG_0001.JPG: unsupported format HEIC");
+    let avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf";
+    let err = decode_bytes(avif, &opts(), "a.png").unwrap_err();
+    assert_eq!(err.to_string(), "a.png: unsupported format AVIF");
+}
+
+#[test]
+fn truncated_jpeg_is_an_error_in_both_decoders() {
+    let jpeg = encode_jpeg(&textured(640, 480, 1), 90);
+    assert!(decode_bytes(&jpeg, &opts(), "whole.jpg").is_ok());
+    for cut in [jpeg.len() / 2, jpeg.len() - 2, 400, 3] {
+        let part = &jpeg[..cut];
+        for o in [opts(), DecodeOptions::for_model(50)] {
+            let err = decode_bytes(part, &o, "cut.jpg").unwrap_err();
+            let msg = err.to_string();
+            if cut >= 4 {
+                assert!(
+                    matches!(
+                        err,
+                        Error::Corrupt {
+                            format: Format::Jpeg,
+                            ..
+                        }
+                    ),
+                    "cut {cut}: {err:?}"
+                );
+                assert!(
+                    msg.starts_with("cut.jpg: truncated or corrupt JPEG"),
+                    "{msg}"
+                );
+            } else {
+                // Three bytes are not even a JPEG signature we trust.
+                assert!(
+                    matches!(err, Error::NotAnImage { .. } | Error::Corrupt { .. }),
+                    "{err:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn truncated_png_is_an_error() {
+    let png = encode(&textured(300, 200, 2), ImageFormat::Png);
+    for cut in [png.len() / 2, png.len() - 13, 40] {
+        let err = decode_bytes(&png[..cut], &opts(), "cut.png").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Corrupt {
+                    format: Format::Png,
+                    ..
+                }
+            ),
+            "cut {cut}: {err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("cut.png: truncated or corrupt PNG"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn garbage_after_a_valid_header_is_an_error() {
+    let mut jpeg = encode_jpeg(&textured(128, 128, 3), 90);
+    let n = jpeg.len();
+    // Keep the headers and the EOI, scramble the entropy-coded middle.
+    for (i, b) in jpeg[n / 2..n - 2].iter_mut().enumerate() {
+        *b = if i % 7 == 0 { 0xFF } else { (i * 31) as u8 };
+    }
+    // Either an error or an image; never a panic.
+    let _ = decode_bytes(&jpeg, &opts(), "garbled.jpg");
+    let _ = decode_bytes(&jpeg, &DecodeOptions::for_model(10), "garbled.jpg");
+}
+
+#[test]
+fn pixel_limit_is_configurable() {
+    let png = encode(&quadrants(20, 20), ImageFormat::Png);
+    let small = DecodeOptions {
+        max_pixels: 399,
+        ..opts()
+    };
+    let err = decode_bytes(&png, &small, "x.png").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "x.png: image is 20×20 = 400 pixels, over the limit of 399 (decompression bomb?)"
+    );
+    let exact = DecodeOptions {
+        max_pixels: 400,
+        ..opts()
+    };
+    assert!(decode_bytes(&png, &exact, "x.png").is_ok());
+}
+
+// ------------------------------------------------------------------ reduced-scale JPEG
+
+#[test]
+fn reduced_scale_jpeg_keeps_twice_min_side() {
+    let full_img = textured(1600, 1200, 4);
+    let jpeg = encode_jpeg(&full_img, 92);
+    let full = decode_bytes(&jpeg, &opts(), "big.jpg").unwrap();
+    assert_eq!(full.image.dimensions(), (1600, 1200));
+
+    // 1200/8 = 150 < 200, 1200/4 = 300 ≥ 200: a quarter.
+    let reduced = decode_bytes(&jpeg, &DecodeOptions::for_model(100), "big.jpg").unwrap();
+    assert_eq!(reduced.image.dimensions(), (400, 300));
+    assert_eq!((reduced.meta.width, reduced.meta.height), (1600, 1200));
+    let (w, h) = reduced.image.dimensions();
+    assert!(w.min(h) >= 2 * 100 && w <= 1600 && h <= 1200);
+
+    // 1200/8 = 150 ≥ 2·75: an eighth.
+    let eighth = decode_bytes(&jpeg, &DecodeOptions::for_model(75), "big.jpg").unwrap();
+    assert_eq!(eighth.image.dimensions(), (200, 150));
+
+    // Halving would give 600 < 2·301: full size.
+    let fullsize = decode_bytes(&jpeg, &DecodeOptions::for_model(301), "big.jpg").unwrap();
+    assert_eq!(fullsize.image.dimensions(), (1600, 1200));
+
+    // The reduced pixels are the full image, box-averaged: compare with a 4×4 mean.
+    let f = to_rgb8(&full.image);
+    let r = to_rgb8(&reduced.image);
+    let mut total = 0u64;
+    for (x, y, p) in r.enumerate_pixels() {
+        for c in 0..3 {
+            let mut sum = 0u32;
+            for dy in 0..4 {
+                for dx in 0..4 {
+                    sum += f.get_pixel(4 * x + dx, 4 * y + dy)[c] as u32;
+                }
+            }
+            total += (sum / 16).abs_diff(p[c] as u32) as u64;
+        }
+    }
+    let mean = total as f64 / (400.0 * 300.0 * 3.0);
+    assert!(
+        mean < 3.0,
+        "reduced decode differs from box-filtered full decode by {mean:.2} on average"
+    );
+}
+
+#[test]
+fn reduced_scale_applies_orientation_and_reports_full_size() {
+    let jpeg = encode_jpeg(&textured(1600, 1200, 5), 90);
+    let tiff = exif_block(vec![short(TAG_ORIENTATION, 6)], vec![], vec![]);
+    let jpeg = jpeg_with_app1(&jpeg, &tiff);
+    let d = decode_bytes(&jpeg, &DecodeOptions::for_model(100), "rot.jpg").unwrap();
+    assert_eq!(d.image.dimensions(), (300, 400));
+    assert_eq!((d.meta.width, d.meta.height), (1200, 1600));
+    assert_eq!(d.meta.exif.orientation, Some(6));
+}
+
+#[test]
+fn small_and_grey_jpegs_take_the_right_path() {
+    // Grey JPEG, reduced: L8 stays one channel and replicates to RGB.
+    // (image's encoder writes grey as three components; jpeg-encoder writes one.)
+    let mut jpeg = Vec::new();
+    jpeg_encoder::Encoder::new(&mut jpeg, 95)
+        .encode(
+            &vec![90u8; 800 * 800],
+            800,
+            800,
+            jpeg_encoder::ColorType::Luma,
+        )
+        .unwrap();
+    for o in [opts(), DecodeOptions::for_model(100)] {
+        let d = decode_bytes(&jpeg, &o, "grey.jpg").unwrap();
+        assert_eq!(d.image.color(), image::ColorType::L8);
+        assert_near(
+            to_rgb8(&d.image).get_pixel(10, 10).0,
+            [90, 90, 90],
+            2,
+            "grey",
+        );
+    }
+    assert_eq!(
+        decode_bytes(&jpeg, &DecodeOptions::for_model(100), "g.jpg")
+            .unwrap()
+            .image
+            .dimensions(),
+        (200, 200)
+    );
+}
+
+// ------------------------------------------------------------------------- colour
+
+#[test]
+fn grey_rgba_and_16_bit_convert_to_rgb8() {
+    let cases: Vec<(DynamicImage, [u8; 3], &str)> = vec![
+        (
+            DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 4, image::Luma([77]))),
+            [77, 77, 77],
+            "L8",
+        ),
+        (
+            DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_pixel(
+                4,
+                4,
+                image::LumaA([77, 0]),
+            )),
+            [77, 77, 77],
+            "LA8",
+        ),
+        // Fully transparent: alpha is dropped, colour kept (no compositing), as PIL does.
+        (
+            DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(4, 4, Rgba([10, 20, 30, 0]))),
+            [10, 20, 30],
+            "RGBA8",
+        ),
+        // 16-bit scales (v·255/65535, rounded): 0x8080 → 128, 1000 → 4 (PIL would clip
+        // I;16 to 255 here), 65535 → 255.
+        (
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
+                4,
+                4,
+                image::Luma([0x8080u16]),
+            )),
+            [128; 3],
+            "L16",
+        ),
+        (
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(4, 4, image::Luma([1000u16]))),
+            [4; 3],
+            "L16 low",
+        ),
+        (
+            DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+                4,
+                4,
+                Rgb([65535u16, 0, 32768]),
+            )),
+            [255, 0, 128],
+            "RGB16",
+        ),
+        (
+            DynamicImage::ImageRgba16(image::ImageBuffer::from_pixel(
+                4,
+                4,
+                Rgba([0u16, 65535, 257, 0]),
+            )),
+            [0, 255, 1],
+            "RGBA16",
+        ),
+    ];
+    for (img, want, what) in cases {
+        // Through a real PNG file so that the decoder's colour type is exercised too.
+        let png = encode(&img, ImageFormat::Png);
+        let d = decode_bytes(&png, &opts(), "c.png").unwrap();
+        assert_eq!(
+            d.image.color(),
+            img.color(),
+            "{what}: PNG keeps the colour type"
+        );
+        assert_eq!(to_rgb8(&d.image).get_pixel(1, 1).0, want, "{what}");
+    }
+    // 16-bit TIFF too.
+    let tiff16 = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+        4,
+        4,
+        Rgb([65535u16, 0, 32768]),
+    ));
+    let d = decode_bytes(&encode(&tiff16, ImageFormat::Tiff), &opts(), "c.tif").unwrap();
+    assert_eq!(to_rgb8(&d.image).get_pixel(0, 0).0, [255, 0, 128]);
+}
+
+fn cmyk_jpeg(color: jpeg_encoder::ColorType, cmyk: [u8; 4], side: u16) -> Vec<u8> {
+    let data: Vec<u8> = std::iter::repeat_n(cmyk, side as usize * side as usize)
+        .flatten()
+        .collect();
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 95)
+        .encode(&data, side, side, color)
+        .unwrap();
+    out
+}
+
+#[test]
+fn cmyk_jpeg_decodes_to_rgb_in_both_paths() {
+    use jpeg_encoder::ColorType::{Cmyk, CmykAsYcck};
+    // (C, M, Y, K) → (255−C)(255−K)/255 …
+    let cases = [
+        ([255, 0, 0, 0], [0, 255, 255]),
+        ([0, 255, 0, 0], [255, 0, 255]),
+        ([0, 0, 0, 128], [127, 127, 127]),
+        ([0, 0, 0, 0], [255, 255, 255]),
+    ];
+    for color in [Cmyk, CmykAsYcck] {
+        for (cmyk, want) in cases {
+            let jpeg = cmyk_jpeg(color, cmyk, 512);
+            let full = decode_bytes(&jpeg, &opts(), "cmyk.jpg").unwrap();
+            assert_eq!(full.image.dimensions(), (512, 512));
+            assert_near(
+                to_rgb8(&full.image).get_pixel(100, 100).0,
+                want,
+                3,
+                &format!("{color:?} {cmyk:?} full"),
+            );
+            let reduced = decode_bytes(&jpeg, &DecodeOptions::for_model(32), "cmyk.jpg").unwrap();
+            assert_eq!(reduced.image.dimensions(), (64, 64));
+            assert_near(
+                to_rgb8(&reduced.image).get_pixel(10, 10).0,
+                want,
+                3,
+                &format!("{color:?} {cmyk:?} reduced"),
+            );
+        }
+    }
+}
+
+#[test]
+fn animated_gif_gives_its_first_frame() {
+    use image::codecs::gif::GifEncoder;
+    use image::{Delay, Frame};
+    let red = image::RgbaImage::from_pixel(16, 16, Rgba([255, 0, 0, 255]));
+    let blue = image::RgbaImage::from_pixel(16, 16, Rgba([0, 0, 255, 255]));
+    let mut gif = Vec::new();
+    {
+        let mut enc = GifEncoder::new(&mut gif);
+        for f in [red, blue] {
+            enc.encode_frame(Frame::from_parts(
+                f,
+                0,
+                0,
+                Delay::from_numer_denom_ms(100, 1),
+            ))
+            .unwrap();
+        }
+    }
+    let d = decode_bytes(&gif, &opts(), "anim.gif").unwrap();
+    assert_eq!(d.meta.format, Format::Gif);
+    assert_eq!(to_rgb8(&d.image).get_pixel(8, 8).0, [255, 0, 0]);
+}
+
+#[test]
+fn animated_webp_gives_its_first_frame() {
+    let green = image::RgbaImage::from_pixel(16, 16, Rgba([0, 255, 0, 255]));
+    let blue = image::RgbaImage::from_pixel(16, 16, Rgba([0, 0, 255, 255]));
+    let webp = animated_webp(&[green, blue.clone()]);
+    let d = decode_bytes(&webp, &opts(), "anim.webp").unwrap();
+    assert_eq!(d.meta.format, Format::WebP);
+    assert_eq!(d.image.dimensions(), (16, 16));
+    assert_eq!(to_rgb8(&d.image).get_pixel(8, 8).0, [0, 255, 0]);
+    // Sanity: the builder really puts the second frame second.
+    let webp = animated_webp(&[
+        blue,
+        image::RgbaImage::from_pixel(16, 16, Rgba([9, 9, 9, 255])),
+    ]);
+    assert_eq!(
+        to_rgb8(&decode_bytes(&webp, &opts(), "b.webp").unwrap().image)
+            .get_pixel(8, 8)
+            .0,
+        [0, 0, 255]
+    );
+}
+
+// ------------------------------------------------------------------------ thumbnail
+
+#[test]
+fn thumbnail_fits_max_side_and_is_a_jpeg() {
+    let img = quadrants(800, 400);
+    let jpeg = thumbnail(&img, 256).unwrap();
+    let d = decode_bytes(&jpeg, &opts(), "thumb").unwrap();
+    assert_eq!(d.meta.format, Format::Jpeg);
+    assert_eq!(d.image.dimensions(), (256, 128));
+    assert_quadrants(&d.image, 40, "thumbnail");
+
+    // Never upscales.
+    let small = thumbnail(&quadrants(100, 50), 256).unwrap();
+    assert_eq!(
+        decode_bytes(&small, &opts(), "t")
+            .unwrap()
+            .image
+            .dimensions(),
+        (100, 50)
+    );
+
+    // Transparent pixels come out white for people to look at.
+    let clear = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(32, 32, Rgba([0, 0, 0, 0])));
+    let t = decode_bytes(&thumbnail(&clear, 64).unwrap(), &opts(), "t").unwrap();
+    assert_near(
+        to_rgb8(&t.image).get_pixel(16, 16).0,
+        [255, 255, 255],
+        2,
+        "transparent thumbnail",
+    );
+}
+
+#[test]
+fn meta_serialises_with_lowercase_format() {
+    let webp = encode(&quadrants(8, 8), ImageFormat::WebP);
+    let d = decode_bytes(&webp, &opts(), "x").unwrap();
+    let json = serde_json::to_value(&d.meta).unwrap();
+    assert_eq!(json["format"], "webp");
+    assert_eq!(json["width"], 8);
+    assert!(json["exif"]["taken_at"].is_null());
+    let back: magpie_media::ImageMeta = serde_json::from_value(json).unwrap();
+    assert_eq!(back, d.meta);
+}
+
+#[test]
+fn errors_convert_to_core_errors_with_path() {
+    let err = decode_bytes(b"", &opts(), "a/b.png").unwrap_err();
+    match magpie_core::Error::from(err) {
+        magpie_core::Error::WithPath { path, message } => {
+            assert_eq!(path, std::path::Path::new("a/b.png"));
+            assert_eq!(message, "empty file");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,194 @@
+//! CLIP for magpie: loading a Hugging Face checkpoint directory, tokenising, and the
+//! [`ImageEmbedder`]/[`TextEmbedder`] implementations the engine uses.
+
+pub mod config;
+pub mod model;
+mod ops;
+
+pub use config::ClipConfig;
+pub use model::ClipModel;
+
+use crate::loader::{self, parse_json, read_json, CheckedWeights, ModelDir};
+use crate::preprocess::ProcessorConfig;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use magpie_core::{ImageEmbedder, ModelInfo, Pixels, TextEmbedder};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// Files a CLIP checkpoint directory must have.
+pub const REQUIRED_FILES: [&str; 4] = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"];
+
+/// A loaded CLIP checkpoint: model, tokenizer and image processor.
+pub struct Clip {
+    info: ModelInfo,
+    model: ClipModel,
+    config: ClipConfig,
+    tokenizer: Tokenizer,
+    processor: ProcessorConfig,
+    device: candle_core::Device,
+}
+
+impl Clip {
+    /// Loads `model` (a local directory or a hub id) onto `device`.
+    pub fn load(model: &str, device: magpie_core::Device) -> Result<Self> {
+        let dir = loader::resolve(model, &REQUIRED_FILES, &[])?;
+        Self::from_dir(&dir, device)
+    }
+
+    pub fn from_dir(dir: &ModelDir, device: magpie_core::Device) -> Result<Self> {
+        let device = crate::select_device(device)?;
+        let config_path = dir.file("config.json");
+        let config: ClipConfig = parse_json(&config_path, read_json(&config_path)?)?;
+        config.validate().map_err(|message| Error::Config { path: config_path.clone(), message })?;
+        let processor = ProcessorConfig::from_file(&dir.file("preprocessor_config.json"))?;
+        let v = &config.vision_config;
+        let (ph, pw) = processor.output_size(v.image_size as u32, v.image_size as u32);
+        if (ph as usize, pw as usize) != (v.image_size, v.image_size) {
+            return Err(Error::Config {
+                path: dir.file("preprocessor_config.json"),
+                message: format!("crop_size {ph}×{pw} does not match vision_config.image_size {}", v.image_size),
+            });
+        }
+        let tokenizer = load_tokenizer(&dir.file("tokenizer.json"), config.text_config.max_position_embeddings)?;
+        let weights = CheckedWeights::open(&dir.weight_files()?)?;
+        let model = ClipModel::new(&config, weights.var_builder(DType::F32, &device)).map_err(|e| weights.wrap(e))?;
+        // Buffers that old checkpoints carry and the model does not need.
+        weights.ensure_all_used(&|n| n.ends_with("position_ids"))?;
+        let info = ModelInfo { id: model_id(dir), dim: config.projection_dim };
+        Ok(Self { info, model, config, tokenizer, processor, device })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    pub fn processor(&self) -> &ProcessorConfig {
+        &self.processor
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
+    }
+
+    /// exp(logit_scale) of the checkpoint.
+    pub fn logit_scale(&self) -> f32 {
+        self.model.logit_scale
+    }
+
+    /// Token ids as `CLIPTokenizer` gives them: BOS, tokens, EOS, truncated to the context
+    /// length, not padded.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenize(e.to_string()))?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// L2-normalised embeddings for token id sequences.
+    pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let f = self.model.text_features(ids)?;
+        Ok(model::l2_normalize_rows(&f)?.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// L2-normalised embeddings for a (batch, 3, H, W) pixel tensor.
+    pub fn embed_pixel_tensor(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let f = self.model.image_features(&pixels.to_device(&self.device)?)?;
+        Ok(model::l2_normalize_rows(&f)?.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// Stacks preprocessed images into one tensor.
+    pub fn pixels_to_tensor(&self, batch: &[Pixels]) -> Result<Tensor> {
+        let first = batch.first().ok_or_else(|| Error::Preprocess("empty batch".into()))?;
+        let (c, h, w) = (first.channels, first.height, first.width);
+        let mut data = Vec::with_capacity(batch.len() * c * h * w);
+        for p in batch {
+            if (p.channels, p.height, p.width) != (c, h, w) {
+                return Err(Error::Preprocess("images of different sizes in one batch".into()));
+            }
+            data.extend_from_slice(&p.data);
+        }
+        Ok(Tensor::from_vec(data, (batch.len(), c, h, w), &self.device)?)
+    }
+}
+
+fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
+    let mut t = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })?;
+    t.with_padding(None);
+    t.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })?;
+    Ok(t)
+}
+
+/// The id stored with a library: the hub id, or for a local directory its name plus a
+/// fingerprint of its config and weights header, so that moving the directory keeps the
+/// id while a different model gets a different one.
+fn model_id(dir: &ModelDir) -> String {
+    if !Path::new(&dir.id).is_dir() {
+        return dir.id.clone();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(&std::fs::read(dir.file("config.json")).unwrap_or_default());
+    for f in dir.weight_files().unwrap_or_default() {
+        feed(&std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+        if let Ok(mut file) = std::fs::File::open(&f) {
+            use std::io::Read;
+            let mut head = vec![0u8; 1 << 16];
+            let n = file.read(&mut head).unwrap_or(0);
+            feed(&head[..n]);
+        }
+    }
+    let name = std::fs::canonicalize(&dir.dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.id.clone());
+    format!("{name}@{:08x}", (h ^ (h >> 32)) as u32)
+}
+
+impl ImageEmbedder for Clip {
+    fn model(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn input_side(&self) -> u32 {
+        self.processor.resize_side()
+    }
+
+    fn preprocess(&self, image: &image::DynamicImage) -> magpie_core::Result<Pixels> {
+        Ok(self.processor.preprocess(image)?)
+    }
+
+    fn embed_pixels(&self, batch: &[Pixels]) -> magpie_core::Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        let t = self.pixels_to_tensor(batch)?;
+        Ok(self.embed_pixel_tensor(&t)?)
+    }
+}
+
+impl TextEmbedder for Clip {
+    fn model(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn embed_texts(&self, texts: &[&str]) -> magpie_core::Result<Vec<Vec<f32>>> {
+        let ids = self.tokenize(texts)?;
+        Ok(self.embed_ids(&ids)?)
+    }
+
+    fn logit_scale(&self) -> f32 {
+        self.model.logit_scale
+    }
+}

@@ -1,0 +1,364 @@
+//! CLIP: "Learning Transferable Visual Models From Natural Language Supervision"
+//! (Radford et al., 2021), mirroring transformers' `models/clip/modeling_clip.py` and
+//! candle-transformers' `models/clip/{text,vision}_model.rs`, which it extends with the
+//! `gelu` activations of newer checkpoints, EOS pooling by `eos_token_id`, a fused QKV
+//! projection and pre-transposed weights (one contiguous `in × out` matrix per linear,
+//! which is what gemm is fastest with for small batches).
+
+use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// A linear layer whose weight is kept transposed (`in × out`, contiguous).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    wt: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { wt: w.t()?.contiguous()?, bias })
+    }
+
+    /// Several linears with the same input fused into one (outputs concatenated).
+    fn fused(parts: Vec<Linear>) -> Result<Self> {
+        let wt = Tensor::cat(&parts.iter().map(|l| &l.wt).collect::<Vec<_>>(), 1)?;
+        let bias = match parts.iter().map(|l| l.bias.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(bs) => Some(Tensor::cat(&bs, 0)?),
+            None => None,
+        };
+        Ok(Self { wt, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (rows, k) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+        let y = x.reshape((rows, k))?.matmul(&self.wt)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("non-empty") = self.wt.dim(1)?;
+        y.reshape(out)
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => crate::clip::ops::quick_gelu(xs),
+            Activation::Gelu => xs.gelu_erf(),
+            Activation::GeluTanh => xs.gelu(),
+            Activation::Relu => xs.relu(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps: eps as f32 })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// The sizes an encoder layer needs, shared by both towers.
+#[derive(Debug, Clone, Copy)]
+struct EncoderDims {
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    act: Activation,
+    eps: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
+        let lin = |n: &str| Linear::new(d.hidden, d.hidden, true, vb.pp(n));
+        let qkv = Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?;
+        let head_dim = d.hidden / d.heads;
+        Ok(Self { qkv, out_proj: lin("out_proj")?, heads: d.heads, head_dim, scale: (head_dim as f64).powf(-0.5) })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s, hidden) = xs.dims3()?;
+        let qkv = self.qkv.forward(xs)?.reshape((b, s, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let w = q.matmul(&k.t()?)?;
+        let w = match mask {
+            Some(m) => w.broadcast_add(m)?,
+            None => w,
+        };
+        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, s, hidden))?;
+        self.out_proj.forward(&o)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(d.hidden, d.intermediate, true, vb.pp("fc1"))?,
+            fc2: Linear::new(d.intermediate, d.hidden, true, vb.pp("fc2"))?,
+            act: d.act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    self_attn: Attention,
+    layer_norm1: LayerNorm,
+    mlp: Mlp,
+    layer_norm2: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(d, vb.pp("self_attn"))?,
+            layer_norm1: LayerNorm::new(d.hidden, d.eps, vb.pp("layer_norm1"))?,
+            mlp: Mlp::new(d, vb.pp("mlp"))?,
+            layer_norm2: LayerNorm::new(d.hidden, d.eps, vb.pp("layer_norm2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = (self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)? + xs)?;
+        self.mlp.forward(&self.layer_norm2.forward(&h)?)? + h
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl Encoder {
+    fn new(d: EncoderDims, n: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("layers");
+        Ok(Self { layers: (0..n).map(|i| EncoderLayer::new(d, vb.pp(i))).collect::<Result<_>>()? })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.layers.iter().try_fold(xs.clone(), |xs, l| l.forward(&xs, mask))
+    }
+}
+
+/// `CLIPTextTransformer`: token + position embeddings, causal encoder, final LayerNorm,
+/// pooled at the end-of-text token.
+#[derive(Debug, Clone)]
+pub struct TextTransformer {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    cfg: TextConfig,
+}
+
+impl TextTransformer {
+    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let e = vb.pp("embeddings");
+        let d = EncoderDims {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        };
+        Ok(Self {
+            token_embedding: e.pp("token_embedding").get((c.vocab_size, c.hidden_size), "weight")?,
+            position_embedding: e.pp("position_embedding").get((c.max_position_embeddings, c.hidden_size), "weight")?,
+            encoder: Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"))?,
+            final_layer_norm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            cfg: c.clone(),
+        })
+    }
+
+    /// Where transformers pools: with the legacy `eos_token_id == 2` the highest id (the
+    /// EOS of the original vocabulary), otherwise the first `eos_token_id`.
+    pub fn pool_index(&self, ids: &[u32]) -> usize {
+        if self.cfg.eos_token_id == 2 {
+            // torch.argmax returns the first maximum.
+            let max = ids.iter().copied().max().unwrap_or(0);
+            ids.iter().position(|&x| x == max).unwrap_or(0)
+        } else {
+            ids.iter().position(|&x| x == self.cfg.eos_token_id).unwrap_or(0)
+        }
+    }
+
+    /// Pooled (pre-projection) features for a batch of token id sequences of any lengths
+    /// (each at most `max_position_embeddings`). Sequences are right-padded; the causal
+    /// mask keeps padding from reaching the pooled position, so no attention mask is needed.
+    pub fn forward(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
+        let device = self.token_embedding.device();
+        let s = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        if s > self.cfg.max_position_embeddings {
+            candle_core::bail!("sequence of {s} tokens exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+        }
+        let b = batch.len();
+        let mut flat = Vec::with_capacity(b * s);
+        let mut pool = Vec::with_capacity(b);
+        for (i, ids) in batch.iter().enumerate() {
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                candle_core::bail!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size);
+            }
+            flat.extend_from_slice(ids);
+            flat.resize((i + 1) * s, self.cfg.pad_token_id.min(self.cfg.vocab_size as u32 - 1));
+            pool.push((i * s + self.pool_index(ids)) as u32);
+        }
+        let ids = Tensor::from_vec(flat, b * s, device)?;
+        let x = self.token_embedding.index_select(&ids, 0)?.reshape((b, s, self.cfg.hidden_size))?;
+        let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
+        let mask = causal_mask(s, x.dtype(), device)?;
+        let x = self.encoder.forward(&x, Some(&mask))?;
+        let x = self.final_layer_norm.forward(&x)?;
+        let pool = Tensor::from_vec(pool, b, device)?;
+        x.reshape((b * s, self.cfg.hidden_size))?.index_select(&pool, 0)
+    }
+}
+
+fn causal_mask(s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..s).flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(m, (s, s), device)?.to_dtype(dtype)
+}
+
+/// `CLIPVisionTransformer`: patch embedding (a stride-`p` convolution, done as one
+/// matmul over unfolded patches), class token, positions, pre-LayerNorm, encoder,
+/// post-LayerNorm of the class token.
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    patch_wt: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: LayerNorm,
+    cfg: VisionConfig,
+}
+
+impl VisionTransformer {
+    fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let e = vb.pp("embeddings");
+        let p = c.patch_size;
+        let patch = e.pp("patch_embedding").get((c.hidden_size, c.num_channels, p, p), "weight")?;
+        let d = EncoderDims {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        };
+        Ok(Self {
+            patch_wt: patch.reshape((c.hidden_size, c.num_channels * p * p))?.t()?.contiguous()?,
+            class_embedding: e.get(c.hidden_size, "class_embedding")?,
+            position_embedding: e.pp("position_embedding").get((c.num_patches() + 1, c.hidden_size), "weight")?,
+            pre_layrnorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            encoder: Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"))?,
+            post_layernorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
+            cfg: c.clone(),
+        })
+    }
+
+    /// Pooled features for pixel values of shape (batch, channels, image_size, image_size).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let (size, p) = (self.cfg.image_size, self.cfg.patch_size);
+        if (c, h, w) != (self.cfg.num_channels, size, size) {
+            candle_core::bail!("pixel values have shape {:?}, the model takes ({}, {size}, {size})", (c, h, w), self.cfg.num_channels);
+        }
+        let g = size / p;
+        // (b, c, g, p, g, p) -> (b, g, g, c, p, p): one row per patch, conv weight order.
+        let pixels = if g * p != size { pixels.narrow(2, 0, g * p)?.narrow(3, 0, g * p)? } else { pixels.clone() };
+        let patches = pixels
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, c * p * p))?;
+        let hidden = self.cfg.hidden_size;
+        let x = patches.matmul(&self.patch_wt)?.reshape((b, g * g, hidden))?;
+        let cls = self.class_embedding.reshape((1, 1, hidden))?.broadcast_as((b, 1, hidden))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = self.pre_layrnorm.forward(&x)?;
+        let x = self.encoder.forward(&x, None)?;
+        self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+    }
+}
+
+/// `CLIPModel` without the contrastive loss: both towers and their projections.
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub text_model: TextTransformer,
+    pub vision_model: VisionTransformer,
+    visual_projection: Linear,
+    text_projection: Linear,
+    /// exp(logit_scale), the softmax temperature for zero-shot classification.
+    pub logit_scale: f32,
+}
+
+impl ClipModel {
+    pub fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let logit_scale = vb.get((), "logit_scale")?.to_dtype(DType::F32)?.to_scalar::<f32>()?.exp();
+        Ok(Self {
+            text_model: TextTransformer::new(&c.text_config, vb.pp("text_model"))?,
+            vision_model: VisionTransformer::new(&c.vision_config, vb.pp("vision_model"))?,
+            visual_projection: Linear::new(c.vision_config.hidden_size, c.projection_dim, false, vb.pp("visual_projection"))?,
+            text_projection: Linear::new(c.text_config.hidden_size, c.projection_dim, false, vb.pp("text_projection"))?,
+            logit_scale,
+        })
+    }
+
+    /// Unnormalised image features (`get_image_features`).
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.visual_projection.forward(&self.vision_model.forward(pixels)?)
+    }
+
+    /// Unnormalised text features (`get_text_features`).
+    pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        self.text_projection.forward(&self.text_model.forward(ids)?)
+    }
+}
+
+/// Rows divided by their L2 norm.
+pub fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}
