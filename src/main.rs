@@ -9,6 +9,9 @@ use magpie_models::Clip;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
 
 #[derive(Parser)]

@@ -159,22 +159,29 @@ impl HnswIndex {
     }
 
     /// The `k` most similar live vectors passing `filter`, best first. `ef` (default
-    /// `params.ef_search`, at least `k`) widens the graph search. Tombstones and the
-    /// filter are applied inside the graph walk (they still route it); when that yields
-    /// fewer than `k` hits the walk is widened once, and then the points are scanned
-    /// exactly, so a selective filter still gets every match rather than a short page.
+    /// `params.ef_search`, at least `k`) widens the graph search.
+    ///
+    /// Tombstones and the filter are applied inside the graph walk, where they still
+    /// route it. hnsw_rs' filtered walk only stops early once it holds `ef` passing
+    /// points, so when it comes back with fewer than `k` it has walked everything it
+    /// could reach; the rest (a graph region cut off by tombstones) is covered by an exact
+    /// scan. A filter that very few images pass therefore costs about one pass over the
+    /// graph: for "these 20 ids" queries, score the ids directly instead.
     pub fn search(&self, query: &[f32], k: usize, ef: Option<usize>, filter: Option<Filter<'_>>) -> Result<Vec<Hit>> {
         let q = unit_query(self.dim, query)?;
         let k = k.min(self.len());
         if k == 0 {
             return Ok(Vec::new());
         }
-        let ef = ef.unwrap_or(self.params.ef_search).max(k);
-        let plain = filter.is_none() && self.tombstones() == 0;
+        // Defensive: hnsw_rs' filtered walk prunes its result heap to passing points once
+        // it holds `ef` and later unwraps the heap's top; with ef >= 2 at least one of
+        // them passes, with ef == 1 it could be the non-passing entry point alone.
+        let ef = ef.unwrap_or(self.params.ef_search).max(k).max(2);
         let keep = |d: &usize| self.live[*d] && filter.is_none_or(|f| f(self.ids[*d]));
         let mut widths = vec![ef];
+        let plain = filter.is_none() && self.tombstones() == 0;
         let wider = ef.saturating_mul(8).min(self.points());
-        if wider > ef {
+        if plain && wider > ef {
             widths.push(wider);
         }
         for width in widths {

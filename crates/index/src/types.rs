@@ -22,13 +22,15 @@ pub struct IndexParams {
     /// Default candidate list size while searching (raised to `k` when smaller).
     pub ef_search: usize,
     /// Below this many vectors the library is searched exactly; at or above it an
-    /// HNSW graph is built. 0 means always HNSW, `usize::MAX` always exact.
+    /// HNSW graph is built. 0 means always HNSW, `usize::MAX` always exact. At 512-d an
+    /// exact scan of 10,000 vectors takes under a millisecond, about what a graph search
+    /// costs, and spares the graph build (seconds per ten thousand vectors).
     pub exact_threshold: usize,
 }
 
 impl Default for IndexParams {
     fn default() -> Self {
-        Self { m: 16, ef_construction: 200, ef_search: 64, exact_threshold: 5_000 }
+        Self { m: 16, ef_construction: 200, ef_search: 64, exact_threshold: 10_000 }
     }
 }
 

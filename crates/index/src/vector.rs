@@ -200,6 +200,12 @@ mod tests {
     }
 
     #[test]
+    fn can_be_shared_behind_an_rwlock() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<std::sync::RwLock<VectorIndex>>();
+    }
+
+    #[test]
     fn threshold_zero_is_always_hnsw() {
         let ix = VectorIndex::new(spec(0)).unwrap();
         assert_eq!(ix.kind(), IndexKind::Hnsw);

@@ -48,7 +48,7 @@ fn stale(dir: &Path, spec: &IndexSpec, generation: u64) -> StaleReason {
 
 #[test]
 fn roundtrip_gives_the_same_results_for_both_kinds() {
-    let mut gen = Clustered::new(10, DIM, 15, 1.0);
+    let mut gen = Clustered::embeddings(10, DIM, 15);
     for kind in [IndexKind::Hnsw, IndexKind::Exact] {
         let ix = built(kind, &mut gen);
         let dir = tempfile::tempdir().unwrap();
@@ -76,7 +76,7 @@ fn roundtrip_gives_the_same_results_for_both_kinds() {
 
 #[test]
 fn save_leaves_exactly_the_index_files_and_replaces_the_previous_save() {
-    let mut gen = Clustered::new(11, DIM, 15, 1.0);
+    let mut gen = Clustered::embeddings(11, DIM, 15);
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("library.db"), b"not ours").unwrap();
     let hnsw = built(IndexKind::Hnsw, &mut gen);
@@ -100,7 +100,7 @@ fn save_leaves_exactly_the_index_files_and_replaces_the_previous_save() {
 
 #[test]
 fn failed_saves_leave_no_temporary_files() {
-    let mut gen = Clustered::new(12, DIM, 15, 1.0);
+    let mut gen = Clustered::embeddings(12, DIM, 15);
     let ix = built(IndexKind::Hnsw, &mut gen);
     let dir = tempfile::tempdir().unwrap();
 
@@ -120,7 +120,7 @@ fn failed_saves_leave_no_temporary_files() {
 
 #[test]
 fn missing_files_are_reported_as_missing_or_stale() {
-    let mut gen = Clustered::new(13, DIM, 15, 1.0);
+    let mut gen = Clustered::embeddings(13, DIM, 15);
     let ix = built(IndexKind::Hnsw, &mut gen);
     let dir = tempfile::tempdir().unwrap();
     assert!(matches!(load(dir.path(), ix.spec(), 3), Loaded::Missing));
@@ -136,7 +136,7 @@ fn missing_files_are_reported_as_missing_or_stale() {
 
 #[test]
 fn damaged_files_are_stale_not_a_panic() {
-    let mut gen = Clustered::new(14, DIM, 15, 1.0);
+    let mut gen = Clustered::embeddings(14, DIM, 15);
     let ix = built(IndexKind::Hnsw, &mut gen);
     let dir = tempfile::tempdir().unwrap();
     ix.save(dir.path(), BASE).unwrap();
@@ -162,7 +162,7 @@ fn damaged_files_are_stale_not_a_panic() {
 
 #[test]
 fn meta_mismatches_are_stale_with_the_reason() {
-    let mut gen = Clustered::new(15, DIM, 15, 1.0);
+    let mut gen = Clustered::embeddings(15, DIM, 15);
     let ix = built(IndexKind::Hnsw, &mut gen);
     let dir = tempfile::tempdir().unwrap();
     ix.save(dir.path(), BASE).unwrap();

@@ -6,13 +6,13 @@ use common::{exact_of, items, recall, Clustered};
 use magpie_index::{HnswIndex, IndexParams};
 use std::time::Instant;
 
-/// 20,000 clustered 512-d unit vectors (the size of CLIP ViT-B/32 embeddings), default
+/// 20,000 clustered 512-d unit vectors (the width of CLIP ViT-B/32 embeddings), default
 /// parameters (m 16, ef_construction 200, ef_search 64): mean recall@10 over 200 held-out
 /// queries must be at least 0.95.
 #[test]
 fn hnsw_recall_at_10_on_20k_clustered_512d_vectors() {
     let (n, dim, k) = (20_000, 512, 10);
-    let mut gen = Clustered::new(42, dim, 200, 1.0);
+    let mut gen = Clustered::embeddings(42, dim, 100);
     let data = gen.points(n);
     let queries = gen.points(200);
 

@@ -22,7 +22,7 @@ const KINDS: [IndexKind; 2] = [IndexKind::Exact, IndexKind::Hnsw];
 
 #[test]
 fn removed_images_never_come_back_and_k_live_hits_still_do() {
-    let mut gen = Clustered::new(1, DIM, 20, 1.0);
+    let mut gen = Clustered::embeddings(1, DIM, 20);
     let data = gen.points(3000);
     let query = data[0].clone();
     for kind in KINDS {
@@ -60,7 +60,7 @@ fn removed_images_never_come_back_and_k_live_hits_still_do() {
 
 #[test]
 fn reinserting_an_id_supersedes_its_old_vector() {
-    let mut gen = Clustered::new(2, DIM, 10, 1.0);
+    let mut gen = Clustered::embeddings(2, DIM, 10);
     let data = gen.points(1000);
     for kind in KINDS {
         let mut ix = index(kind);
@@ -83,7 +83,7 @@ fn reinserting_an_id_supersedes_its_old_vector() {
 
 #[test]
 fn filter_closure_restricts_results_and_still_fills_the_page() {
-    let mut gen = Clustered::new(3, DIM, 20, 1.0);
+    let mut gen = Clustered::embeddings(3, DIM, 20);
     let data = gen.points(4000);
     let exact = exact_of(DIM, &data);
     let queries = gen.points(20);
@@ -107,6 +107,9 @@ fn filter_closure_restricts_results_and_still_fills_the_page() {
         }
         // A filter nothing passes: empty, not an error.
         assert!(ix.search(&queries[0], 10, None, Some(&|_| false)).unwrap().is_empty());
+        // The narrowest search (ef 1) with a filter still answers.
+        let one = ix.search(&queries[0], 1, Some(1), Some(&|id| id % 7 == 0)).unwrap();
+        assert_eq!(one, exact.search(&queries[0], 1, Some(&|id| id % 7 == 0)).unwrap(), "{kind:?}");
     }
 }
 
@@ -156,7 +159,7 @@ fn unnormalised_input_is_normalised_and_scores_are_cosines() {
 
 #[test]
 fn hnsw_compaction_drops_tombstones_and_keeps_results() {
-    let mut gen = Clustered::new(4, DIM, 20, 1.0);
+    let mut gen = Clustered::embeddings(4, DIM, 20);
     let data = gen.points(3000);
     let mut ix = HnswIndex::new(DIM, IndexParams::default()).unwrap();
     ix.insert(&items(&data)).unwrap();

@@ -199,3 +199,32 @@ fn model_id_is_stable_and_distinguishes_models() {
     assert_eq!(a.clip.info().id, load("tiny-a").clip.info().id);
     assert_eq!(ImageEmbedder::model(&a.clip).dim, a.t["image_embeds"].dim(1).unwrap());
 }
+
+/// Our own decode (magpie-media: EXIF turn, RGBA, 16-bit, grayscale) + preprocessing
+/// against `CLIPProcessor`'s pixel values, and the embeddings they give.
+#[test]
+fn own_preprocessing_matches_processor() {
+    for name in MODELS {
+        let f = load(name);
+        let images = strings(&f.json["images"]);
+        let want_px = &f.t["pixel_values"];
+        let want_emb: Vec<Vec<f32>> = f.t["image_embeds"].to_vec2().unwrap();
+        let mut worst_px = 0f32;
+        let mut worst_cos = 1f32;
+        for (i, rel) in images.iter().enumerate() {
+            let path = fixtures().join(rel);
+            let decoded = magpie_media::decode_file(&path, &magpie_media::DecodeOptions::default()).unwrap();
+            let px = f.clip.preprocess(&decoded.image).unwrap();
+            let want: Vec<f32> = want_px.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(px.data.len(), want.len(), "{name} {rel}");
+            let mad = px.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32;
+            let emb = f.clip.embed_pixels(&[px]).unwrap();
+            let c = cos(&emb[0], &want_emb[i]);
+            println!("{name} {rel}: mean |Δpixel| {mad:.2e}, cosine {c:.6}");
+            worst_px = worst_px.max(mad);
+            worst_cos = worst_cos.min(c);
+        }
+        assert!(worst_px <= 0.01, "{name}: mean abs pixel difference {worst_px}");
+        assert!(worst_cos >= 0.99, "{name}: cosine {worst_cos}");
+    }
+}

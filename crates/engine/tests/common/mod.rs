@@ -2,9 +2,9 @@
 //! image files written into a temporary folder.
 #![allow(dead_code)]
 
+use image::{ImageFormat, Rgb, RgbImage};
 use magpie_core::{ImageEmbedder, ModelInfo, Pixels, TextEmbedder};
 use magpie_engine::{IndexOptions, IndexReport, Library, LibraryConfig, Progress};
-use image::{ImageFormat, Rgb, RgbImage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,10 @@ pub const SIDE: u32 = 8;
 pub const DIM: usize = 16;
 
 pub fn model() -> ModelInfo {
-    ModelInfo { id: "fake/rgb-quadrants".into(), dim: DIM }
+    ModelInfo {
+        id: "fake/rgb-quadrants".into(),
+        dim: DIM,
+    }
 }
 
 /// A deterministic stand-in for CLIP. `preprocess` resizes to 8×8 RGB and flattens the
@@ -92,7 +95,12 @@ impl ImageEmbedder for FakeEmbedder {
                 data[c * w * h + y as usize * w + x as usize] = p.0[c] as f32 / 255.0;
             }
         }
-        Ok(Pixels { channels: 3, height: h, width: w, data })
+        Ok(Pixels {
+            channels: 3,
+            height: h,
+            width: w,
+            data,
+        })
     }
 
     fn embed_pixels(&self, batch: &[Pixels]) -> magpie_core::Result<Vec<Vec<f32>>> {
@@ -171,7 +179,8 @@ pub fn solid(w: u32, h: u32, rgb: [u8; 3]) -> RgbImage {
 
 pub fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), format).expect("encode");
+    img.write_to(&mut std::io::Cursor::new(&mut out), format)
+        .expect("encode");
     out
 }
 
@@ -210,8 +219,16 @@ impl Photos {
     }
 }
 
-pub const PHOTO_NAMES: &[&str] =
-    &["red.png", "green.jpg", "blue.png", "sub/yellow.jpg", "magenta.gif", "cyan.bmp", "dark-red.png", "split.png"];
+pub const PHOTO_NAMES: &[&str] = &[
+    "red.png",
+    "green.jpg",
+    "blue.png",
+    "sub/yellow.jpg",
+    "magenta.gif",
+    "cyan.bmp",
+    "dark-red.png",
+    "split.png",
+];
 
 pub fn photos() -> Photos {
     let dir = tempfile::tempdir().unwrap();
@@ -222,11 +239,23 @@ pub fn photos() -> Photos {
     write_image(&root.join("red.png"), &solid(40, 30, c("red")), ImageFormat::Png);
     write_image(&root.join("green.jpg"), &solid(64, 48, c("green")), ImageFormat::Jpeg);
     write_image(&root.join("blue.png"), &solid(30, 40, c("blue")), ImageFormat::Png);
-    write_image(&root.join("sub/yellow.jpg"), &solid(50, 50, c("yellow")), ImageFormat::Jpeg);
-    write_image(&root.join("magenta.gif"), &solid(20, 20, c("magenta")), ImageFormat::Png);
+    write_image(
+        &root.join("sub/yellow.jpg"),
+        &solid(50, 50, c("yellow")),
+        ImageFormat::Jpeg,
+    );
+    write_image(
+        &root.join("magenta.gif"),
+        &solid(20, 20, c("magenta")),
+        ImageFormat::Png,
+    );
     write_image(&root.join("cyan.bmp"), &solid(16, 12, c("cyan")), ImageFormat::Bmp);
     // Close to red but not red: the nearest neighbour of red.png.
-    write_image(&root.join("dark-red.png"), &solid(24, 24, [150, 30, 25]), ImageFormat::Png);
+    write_image(
+        &root.join("dark-red.png"),
+        &solid(24, 24, [150, 30, 25]),
+        ImageFormat::Png,
+    );
     // Left half red, right half blue.
     let mut split = solid(32, 32, c("blue"));
     for y in 0..32 {
@@ -248,15 +277,23 @@ pub fn data_dir() -> tempfile::TempDir {
 }
 
 pub async fn open(dir: &Path) -> Library {
-    Library::open(dir, &model(), LibraryConfig::default()).await.expect("open library")
+    Library::open(dir, &model(), LibraryConfig::default())
+        .await
+        .expect("open library")
 }
 
 pub fn opts() -> IndexOptions {
-    IndexOptions { batch_size: 3, decode_threads: 2, ..IndexOptions::default() }
+    IndexOptions {
+        batch_size: 3,
+        decode_threads: 2,
+        ..IndexOptions::default()
+    }
 }
 
 pub async fn index(lib: &Library, root: &Path, fake: &Arc<FakeEmbedder>) -> IndexReport {
-    lib.index(&[root.to_path_buf()], fake.image(), &opts(), &|_| {}).await.expect("index")
+    lib.index(&[root.to_path_buf()], fake.image(), &opts(), &|_| {})
+        .await
+        .expect("index")
 }
 
 /// Runs an index job, recording every progress snapshot.
@@ -297,10 +334,20 @@ pub fn names(hits: &[magpie_engine::SearchHit], root: &Path) -> Vec<String> {
 
 pub fn assert_descending(hits: &[magpie_engine::SearchHit]) {
     for w in hits.windows(2) {
-        assert!(w[0].score >= w[1].score, "scores not descending: {} then {}", w[0].score, w[1].score);
+        assert!(
+            w[0].score >= w[1].score,
+            "scores not descending: {} then {}",
+            w[0].score,
+            w[1].score
+        );
     }
 }
 
 pub async fn id_of(lib: &Library, path: &Path) -> i64 {
-    lib.store().file_by_path(path).await.unwrap().unwrap_or_else(|| panic!("{} not in the store", path.display())).id
+    lib.store()
+        .file_by_path(path)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{} not in the store", path.display()))
+        .id
 }

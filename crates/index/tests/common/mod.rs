@@ -1,4 +1,4 @@
-//! Seeded synthetic embeddings shared by the integration tests.
+//! Seeded synthetic embeddings shared by the integration tests and `examples/index_bench`.
 #![allow(dead_code)]
 
 use magpie_index::{ExactIndex, Hit};
@@ -17,28 +17,43 @@ fn unit(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
-/// `clusters` random unit centres in `dim` dimensions; each point is its centre plus
-/// isotropic noise of expected norm `spread`, renormalised. With spread 1.0 a point's
-/// cosine to its centre is about 0.7 and to a cluster mate about 0.5.
+/// Clustered unit vectors shaped like image embeddings, whose intrinsic dimension is far
+/// below their width: a mixture of `clusters` Gaussians (centres N(0, 1), each point its
+/// centre plus N(0, spread²) noise) in `latent` dimensions, mapped to `dim` by a fixed
+/// random matrix, plus isotropic noise of 10% of the norm, renormalised. With
+/// `latent == dim` there is no projection: centre plus isotropic noise, the hard case
+/// for a graph index (within a cluster the points are as good as random).
 pub struct Clustered {
     pub dim: usize,
+    latent: usize,
+    projection: Option<Vec<Vec<f32>>>,
     centres: Vec<Vec<f32>>,
     spread: f32,
     rng: StdRng,
 }
 
 impl Clustered {
-    pub fn new(seed: u64, dim: usize, clusters: usize, spread: f32) -> Self {
+    pub fn new(seed: u64, dim: usize, latent: usize, clusters: usize, spread: f32) -> Self {
+        assert!(latent <= dim);
         let mut rng = StdRng::seed_from_u64(seed);
-        let centres = (0..clusters).map(|_| unit((0..dim).map(|_| gaussian(&mut rng)).collect())).collect();
-        Self { dim, centres, spread, rng }
+        let projection =
+            (latent < dim).then(|| (0..dim).map(|_| (0..latent).map(|_| gaussian(&mut rng)).collect()).collect());
+        let centres = (0..clusters).map(|_| (0..latent).map(|_| gaussian(&mut rng)).collect()).collect();
+        Self { dim, latent, projection, centres, spread, rng }
+    }
+
+    /// The defaults of the tests: 16 latent dimensions, spread 1.
+    pub fn embeddings(seed: u64, dim: usize, clusters: usize) -> Self {
+        Self::new(seed, dim, 16.min(dim), clusters, 1.0)
     }
 
     pub fn point(&mut self) -> Vec<f32> {
         let c = self.rng.gen_range(0..self.centres.len());
-        let scale = self.spread / (self.dim as f32).sqrt();
-        let v = (0..self.dim).map(|i| self.centres[c][i] + scale * gaussian(&mut self.rng)).collect();
-        unit(v)
+        let z: Vec<f32> = (0..self.latent).map(|i| self.centres[c][i] + self.spread * gaussian(&mut self.rng)).collect();
+        let Some(projection) = &self.projection else { return unit(z) };
+        let v: Vec<f32> = projection.iter().map(|row| row.iter().zip(&z).map(|(a, b)| a * b).sum()).collect();
+        let noise = 0.1 * v.iter().map(|x| x * x).sum::<f32>().sqrt() / (self.dim as f32).sqrt();
+        unit(v.iter().map(|x| x + noise * gaussian(&mut self.rng)).collect())
     }
 
     pub fn points(&mut self, n: usize) -> Vec<Vec<f32>> {

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""The PyTorch (transformers) and ONNX Runtime side of `cargo bench --bench clip`.
+
+Runs the same checkpoint on the same thread count and prints one JSON object:
+image embeddings per second at each batch size, text query latency per token count.
+
+    python3 scripts/bench/peer_clip.py bench-data/clip-vit-base-patch32 --threads 2
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def timed(fn, min_time, min_iters=3):
+    fn()  # warm-up
+    n, start = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - start < min_time:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--tokens", default="8,77")
+    ap.add_argument("--min-time", type=float, default=3.0)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import numpy as np
+    import torch
+    from transformers import CLIPModel
+
+    torch.set_num_threads(args.threads)
+    out = {"threads": args.threads, "torch": torch.__version__, "pytorch": {}, "onnxruntime": {}, "text_ms": {}}
+    model = CLIPModel.from_pretrained(args.model).eval()
+    size = model.config.vision_config.image_size
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.default_rng(0)
+    with torch.inference_mode():
+        for b in batches:
+            px = torch.from_numpy(rng.standard_normal((b, 3, size, size), dtype=np.float32))
+            dt = timed(lambda: model.get_image_features(pixel_values=px), args.min_time)
+            out["pytorch"][str(b)] = b / dt
+        for t in [int(x) for x in args.tokens.split(",")]:
+            ids = torch.tensor([[49406] + [320] * (t - 2) + [49407]])
+            dt = timed(lambda: model.get_text_features(input_ids=ids), args.min_time / 2, 10)
+            out["text_ms"][str(t)] = dt * 1000
+    onnx_path = os.path.join(args.model, "vision.onnx")
+    if os.path.exists(onnx_path):
+        import onnxruntime as ort
+
+        out["onnxruntime_version"] = ort.__version__
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+        for b in batches:
+            px = rng.standard_normal((b, 3, size, size), dtype=np.float32)
+            dt = timed(lambda: sess.run(None, {"pixel_values": px}), args.min_time)
+            out["onnxruntime"][str(b)] = b / dt
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
