@@ -9,7 +9,7 @@
 mod common;
 
 use common::{exact_of, items, recall, Clustered};
-use magpie_index::{HnswIndex, IndexParams};
+use magpie_index::{HnswIndex, IndexParams, IndexSpec, VectorIndex};
 use std::time::Instant;
 
 fn main() {
@@ -24,6 +24,21 @@ fn main() {
     let mut hnsw = HnswIndex::new(dim, IndexParams::default()).unwrap();
     hnsw.insert(&items(&data)).unwrap();
     let build = t.elapsed();
+    drop(hnsw);
+
+    // The same build through the engine's type, saved and reloaded.
+    let spec = IndexSpec::new("bench", dim, IndexParams { exact_threshold: 0, ..Default::default() });
+    let mut index = VectorIndex::new(spec.clone()).unwrap();
+    index.insert(&items(&data)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    index.save(dir.path(), "vectors").unwrap();
+    let save = t.elapsed();
+    let bytes: u64 = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let t = Instant::now();
+    let hnsw = VectorIndex::load(dir.path(), "vectors", &spec, 0).unwrap().ready().expect("loads");
+    let load = t.elapsed();
+    println!("save {save:.2?}, load {load:.2?}, {:.1} MiB on disk", bytes as f64 / (1 << 20) as f64);
     let exact = exact_of(dim, &data);
 
     let t = Instant::now();

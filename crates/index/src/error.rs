@@ -21,6 +21,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{}: not an index meta file: {message}", path.display())]
+    BadMeta { path: PathBuf, message: String },
     /// hnsw_rs failed (or panicked) while dumping or reading its files.
     #[error("{}: {message}", path.display())]
     Hnsw { path: PathBuf, message: String },

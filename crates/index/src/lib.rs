@@ -44,6 +44,6 @@ mod vector;
 pub use error::{Error, Result};
 pub use exact::ExactIndex;
 pub use hnsw::HnswIndex;
-pub use persist::{Loaded, StaleReason};
+pub use persist::{Loaded, SavedIndex, StaleReason};
 pub use types::{Filter, Hit, IndexKind, IndexMeta, IndexParams, IndexSpec};
 pub use vector::VectorIndex;

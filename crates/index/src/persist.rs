@@ -313,7 +313,33 @@ fn read_ids_file(bytes: &[u8]) -> Option<(Vec<ImageId>, Vec<bool>)> {
     c.0.is_empty().then_some((ids, live))
 }
 
+/// What a save says about itself, read without loading or verifying the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedIndex {
+    pub meta: IndexMeta,
+    /// Live images.
+    pub live: usize,
+    /// Dead points still in the saved graph.
+    pub tombstones: usize,
+}
+
 impl VectorIndex {
+    /// The meta file of a save under `basename`, if there is one: cheap (no vector is
+    /// read, no checksum verified), for status reports. Whether the index is usable is
+    /// for [`load`](Self::load) to say.
+    pub fn saved_meta(dir: &Path, basename: &str) -> Result<Option<SavedIndex>> {
+        check_basename(basename)?;
+        let path = dir.join(meta_name(basename));
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let mf: MetaFile =
+            serde_json::from_slice(&text).map_err(|e| Error::BadMeta { path, message: e.to_string() })?;
+        Ok(Some(SavedIndex { meta: mf.meta, live: mf.live, tombstones: mf.points.saturating_sub(mf.live) }))
+    }
+
     /// Writes the index as `dir/<basename>.*` (see the table in the module docs),
     /// atomically replacing a previous save. No temporary file survives, success or not.
     pub fn save(&self, dir: &Path, basename: &str) -> Result<()> {

@@ -85,6 +85,10 @@ fn save_leaves_exactly_the_index_files_and_replaces_the_previous_save() {
     assert_eq!(listing(dir.path()), hnsw_files);
     hnsw.save(dir.path(), BASE).unwrap();
     assert_eq!(listing(dir.path()), hnsw_files);
+    let saved = VectorIndex::saved_meta(dir.path(), BASE).unwrap().expect("saved");
+    assert_eq!(saved.meta, hnsw.meta());
+    assert_eq!((saved.live, saved.tombstones), (hnsw.len(), hnsw.tombstones()));
+    assert!(VectorIndex::saved_meta(dir.path(), "other").unwrap().is_none());
     let meta: serde_json::Value = serde_json::from_slice(&fs::read(dir.path().join("vectors.meta.json")).unwrap()).unwrap();
     assert_eq!(meta["kind"], "hnsw");
     assert_eq!(meta["generation"], 3);
@@ -158,6 +162,7 @@ fn damaged_files_are_stale_not_a_panic() {
     let meta = dir.path().join("vectors.meta.json");
     fs::write(&meta, b"{ not json").unwrap();
     assert!(matches!(stale(dir.path(), ix.spec(), 3), StaleReason::Corrupt { path, .. } if path == meta));
+    assert!(matches!(VectorIndex::saved_meta(dir.path(), BASE), Err(Error::BadMeta { path, .. }) if path == meta));
 }
 
 #[test]
