@@ -1,0 +1,160 @@
+//! The `magpie` binary as a new user runs it: index a folder of real photos with the tiny
+//! fixture model, then search, similar, embed, status, reindex, with and without --json.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model() -> String {
+    root().join("tests/fixtures/clip/tiny-a").display().to_string()
+}
+
+fn magpie(data: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_magpie"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("MAGPIE_MODEL")
+        .output()
+        .unwrap();
+    out
+}
+
+fn ok(data: &Path, args: &[&str]) -> String {
+    let out = magpie(data, args);
+    assert!(out.status.success(), "magpie {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(data: &Path, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&ok(data, &a)).unwrap()
+}
+
+/// A photo folder: the fixture photos, a truncated JPEG, a text file named .jpg, and a
+/// README that is not an image at all.
+fn photo_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(root().join("tests/fixtures/photos")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "png" || x == "jpg") {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let jpeg = std::fs::read(root().join("tests/fixtures/photos/rocket.jpg")).unwrap();
+    std::fs::write(dir.path().join("broken.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+    std::fs::write(dir.path().join("notes.jpg"), "not a picture\n").unwrap();
+    std::fs::write(dir.path().join("README.txt"), "holiday photos\n").unwrap();
+    dir
+}
+
+#[test]
+fn index_search_similar_embed_status() {
+    let photos = photo_folder();
+    let data = tempfile::tempdir().unwrap();
+    let m = model();
+    let n_images = std::fs::read_dir(photos.path()).unwrap().count() - 3;
+
+    // Global options are accepted after the subcommand too.
+    let report = json(data.path(), &["index", photos.path().to_str().unwrap(), "--model", &m]);
+    assert_eq!(report["added"].as_u64().unwrap() as usize, n_images, "{report}");
+    let failed: Vec<String> = report["failed"].as_array().unwrap().iter().map(|f| f[0].as_str().unwrap().to_string()).collect();
+    assert_eq!(failed.len(), 2, "{report}");
+    assert!(failed.iter().any(|p| p.ends_with("broken.jpg")) && failed.iter().any(|p| p.ends_with("notes.jpg")));
+    assert_eq!(report["ignored"], 1);
+
+    // Human output names the skipped files with their reasons.
+    let again = ok(data.path(), &["--model", &m, "index", photos.path().to_str().unwrap()]);
+    assert!(again.contains("0 new, 0 updated") && again.contains(&format!("{} unchanged", n_images + 2)), "{again}");
+
+    let status = json(data.path(), &["status"]);
+    assert_eq!(status["counts"]["indexed"].as_u64().unwrap() as usize, n_images);
+    assert_eq!(status["counts"]["failed"], 2);
+    assert!(status["model"]["id"].as_str().unwrap().starts_with("tiny-a@"));
+    assert_eq!(status["index"]["up_to_date"], true);
+    let human = ok(data.path(), &["status"]);
+    assert!(human.contains("indexed") && human.contains("tiny-a@") && human.contains("up to date"), "{human}");
+
+    let hits = json(data.path(), &["--model", &m, "search", "a photo of a cat", "-k", "3"]);
+    let hits = hits.as_array().unwrap();
+    assert_eq!(hits.len(), 3);
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+
+    // The query photo finds itself first when given as a path (its stored vector) …
+    let chelsea = photos.path().join("chelsea.png");
+    let sim = json(data.path(), &["--model", &m, "similar", chelsea.to_str().unwrap(), "-k", "4"]);
+    let sim = sim.as_array().unwrap();
+    assert_eq!(sim.len(), 4);
+    assert!(sim.iter().all(|h| !h["path"].as_str().unwrap().ends_with("/chelsea.png")), "itself excluded");
+    // … and the same neighbours come back by id.
+    let id = json(data.path(), &["--model", &m, "search", "cat", "-k", "50"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["path"].as_str().unwrap().ends_with("/chelsea.png"))
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let by_id = json(data.path(), &["--model", &m, "similar", &id.to_string(), "-k", "4"]);
+    assert_eq!(by_id.as_array().unwrap().iter().map(|h| h["id"].clone()).collect::<Vec<_>>(), sim.iter().map(|h| h["id"].clone()).collect::<Vec<_>>());
+
+    // An image outside the library is embedded on the fly; its nearest neighbour is its
+    // copy inside the library.
+    let outside = tempfile::tempdir().unwrap();
+    let copy = outside.path().join("cat.png");
+    std::fs::copy(&chelsea, &copy).unwrap();
+    let sim = json(data.path(), &["--model", &m, "similar", copy.to_str().unwrap(), "-k", "1"]);
+    assert!(sim[0]["path"].as_str().unwrap().ends_with("/chelsea.png"), "{sim}");
+    assert!(sim[0]["score"].as_f64().unwrap() > 0.9999);
+
+    let e = json(data.path(), &["--model", &m, "embed", "--text", "a cat"]);
+    let v: Vec<f64> = e["vector"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(v.len(), e["dim"].as_u64().unwrap() as usize);
+    assert!((v.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-4);
+    let plain = ok(data.path(), &["--model", &m, "embed", "--image", chelsea.to_str().unwrap()]);
+    assert_eq!(plain.split_whitespace().count(), v.len());
+
+    // Deleting a photo retires it.
+    std::fs::remove_file(&chelsea).unwrap();
+    let report = json(data.path(), &["--model", &m, "index", photos.path().to_str().unwrap()]);
+    assert_eq!(report["deleted"], 1);
+    let all = json(data.path(), &["--model", &m, "search", "cat", "-k", "100"]);
+    assert_eq!(all.as_array().unwrap().len(), n_images - 1);
+    assert!(magpie(data.path(), &["--model", &m, "similar", &id.to_string()]).status.code() == Some(1));
+
+    let r = json(data.path(), &["--model", &m, "reindex"]);
+    assert_eq!(r["vectors"].as_u64().unwrap() as usize, n_images - 1);
+}
+
+#[test]
+fn clear_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let photos = photo_folder();
+    let m = model();
+    let err = |args: &[&str]| {
+        let out = magpie(data.path(), args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert!(err(&["--model", "/no/such/model", "search", "x"]).contains("/no/such/model"));
+    assert!(err(&["--model", &m, "--device", "cuda", "search", "x"]).contains("without CUDA"));
+    let e = err(&["--model", "someone/some-model", "search", "x"]);
+    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("--model /path/to/dir"), "{e}");
+    assert!(err(&["--model", &m, "search", "x"]).contains("magpie index"));
+    assert!(err(&["--model", &m, "index", "/no/such/folder"]).contains("/no/such/folder"));
+    ok(data.path(), &["--model", &m, "index", photos.path().to_str().unwrap()]);
+    let other = root().join("tests/fixtures/clip/tiny-b");
+    let e = err(&["--model", other.to_str().unwrap(), "search", "x"]);
+    assert!(e.contains("tiny-a@") && e.contains("tiny-b@") && e.contains("--data-dir"), "{e}");
+    assert!(err(&["--model", &m, "similar", "nonsense"]).contains("nonsense"));
+    let bad_device = magpie(data.path(), &["--device", "tpu", "status"]);
+    assert_eq!(bad_device.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_device.stderr).contains("tpu"));
+}
