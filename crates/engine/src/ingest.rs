@@ -424,6 +424,9 @@ impl Library {
                 .values()
                 .filter(|k| k.status != FileStatus::Deleted && !seen.contains(&k.path))
                 .filter(|k| walked.iter().any(|(root, _)| k.path.starts_with(root)))
+                // A folder that could not be read this time (permissions, a disk
+                // hiccup) says nothing about its files: keep them.
+                .filter(|k| !walk_errors.iter().any(|(p, _): &(PathBuf, String)| p.is_dir() && k.path.starts_with(p)))
                 .map(|k| k.id),
         );
         for (path, msg) in walk_errors {

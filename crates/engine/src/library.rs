@@ -144,26 +144,19 @@ impl Library {
         let counts = store.counts().await?;
         let roots = store.roots().await?.into_iter().map(|r| r.path).collect();
         let failures = counts.failed;
-        let index = match &info.model {
-            Some(m) => {
-                let spec = IndexSpec::for_model(m, params);
-                match VectorIndex::load(dir, VECTOR_INDEX, &spec, info.generation)? {
-                    Loaded::Ready(ix) => Some(IndexStatus {
-                        kind: ix.kind(),
-                        vectors: ix.len() as u64,
-                        generation: ix.generation(),
-                        up_to_date: true,
-                    }),
-                    Loaded::Stale(_) => Some(IndexStatus {
-                        kind: IndexKind::Hnsw,
-                        vectors: 0,
-                        generation: 0,
-                        up_to_date: false,
-                    }),
-                    Loaded::Missing => None,
-                }
-            }
-            None => None,
+        // Only the meta file is read: status must stay instant on a big library.
+        let index = match (&info.model, VectorIndex::saved_meta(dir, VECTOR_INDEX)?) {
+            (Some(m), Some(saved)) => Some(IndexStatus {
+                kind: saved.meta.kind,
+                vectors: saved.live as u64,
+                generation: saved.meta.generation,
+                up_to_date: saved.meta.generation == info.generation
+                    && saved.meta.model_id == m.id
+                    && saved.meta.dim == m.dim
+                    && saved.meta.params.m == params.m
+                    && saved.meta.params.ef_construction == params.ef_construction,
+            }),
+            _ => None,
         };
         store.close().await;
         Ok(Some(Status {
