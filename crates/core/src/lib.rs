@@ -18,7 +18,7 @@ mod model;
 
 pub use embedding::{dot, l2_normalize, Embedding};
 pub use error::{Error, Result};
-pub use model::{Device, ImageEmbedder, ModelInfo, Pixels, TextEmbedder};
+pub use model::{Captioner, Device, GenerationOptions, ImageEmbedder, ModelInfo, Pixels, TextEmbedder, VisualChat};
 
 /// Primary key of an image (file) row in the library.
 pub type ImageId = i64;

@@ -86,3 +86,42 @@ mod tests {
         assert!("tpu".parse::<Device>().is_err());
     }
 }
+
+/// How a captioning or chat model generates text.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct GenerationOptions {
+    pub max_new_tokens: usize,
+    /// 1: greedy decoding; more: beam search.
+    pub num_beams: usize,
+    /// 1.0: off; > 1 discourages repeating tokens (transformers' semantics).
+    pub repetition_penalty: f32,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        Self { max_new_tokens: 30, num_beams: 1, repetition_penalty: 1.0 }
+    }
+}
+
+/// Describes an image in a sentence (BLIP-2 and the like).
+pub trait Captioner: Send + Sync {
+    fn model(&self) -> &ModelInfo;
+    /// Shortest side the model's preprocessing needs (decoders may downscale to it).
+    fn input_side(&self) -> u32;
+    fn caption(&self, image: &image::DynamicImage, opts: &GenerationOptions) -> Result<String>;
+}
+
+/// Answers a prompt about an image, streaming text pieces to `on_text` as they are
+/// produced. The prompt is the full text prompt (the engine assembles chat history).
+pub trait VisualChat: Send + Sync {
+    fn model(&self) -> &ModelInfo;
+    fn input_side(&self) -> u32;
+    fn answer(
+        &self,
+        image: &image::DynamicImage,
+        prompt: &str,
+        opts: &GenerationOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<String>;
+}
