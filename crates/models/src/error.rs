@@ -28,6 +28,8 @@ pub enum Error {
     Tokenize(String),
     #[error("image preprocessing: {0}")]
     Preprocess(String),
+    #[error("generation: {0}")]
+    Generate(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

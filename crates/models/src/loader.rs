@@ -30,13 +30,7 @@ impl ModelDir {
         }
         let index = self.file("model.safetensors.index.json");
         if index.is_file() {
-            let json = read_json(&index)?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
-                path: index.clone(),
-                message: "missing `weight_map`".into(),
-            })?;
-            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-            return Ok(shards.into_iter().map(|s| self.file(s)).collect());
+            return Ok(shard_names(&index)?.into_iter().map(|s| self.file(&s)).collect());
         }
         let hint = if self.file("pytorch_model.bin").is_file() {
             " (only pytorch_model.bin is present: convert it to safetensors)"
@@ -83,7 +77,7 @@ fn from_hub(model: &str, required: &[&str], optional: &[&str]) -> Result<ModelDi
     let mut dir = None;
     let mut missing = Vec::new();
     for f in required {
-        match cached.get(f) {
+        match cached.get(f).or_else(|| cached_shards(&cached, f)) {
             Some(p) => dir = p.parent().map(Path::to_path_buf),
             None => missing.push(*f),
         }
@@ -107,7 +101,18 @@ fn from_hub(model: &str, required: &[&str], optional: &[&str]) -> Result<ModelDi
     let repo = api.model(model.to_string());
     let mut dir = None;
     for f in required {
-        let p = repo.get(f).map_err(|e| Error::Download { model: model.into(), message: format!("{f}: {e}") })?;
+        let p = match repo.get(f) {
+            Ok(p) => p,
+            // Big checkpoints are sharded: `<f>.index.json` names the shards.
+            Err(e) if f.ends_with(".safetensors") => {
+                let index = repo.get(&format!("{f}.index.json")).map_err(|_| Error::Download { model: model.into(), message: format!("{f}: {e}") })?;
+                for shard in shard_names(&index)? {
+                    repo.get(&shard).map_err(|e| Error::Download { model: model.into(), message: format!("{shard}: {e}") })?;
+                }
+                index
+            }
+            Err(e) => return Err(Error::Download { model: model.into(), message: format!("{f}: {e}") }),
+        };
         dir = p.parent().map(Path::to_path_buf);
     }
     for f in optional {
@@ -115,6 +120,58 @@ fn from_hub(model: &str, required: &[&str], optional: &[&str]) -> Result<ModelDi
     }
     let dir = dir.ok_or_else(|| Error::NotFound { model: model.into(), message: "no files requested".into() })?;
     Ok(ModelDir { id: model.into(), dir })
+}
+
+/// The cached index of a sharded `f` (`f.index.json`), if it and all its shards are cached.
+fn cached_shards(cached: &hf_hub::CacheRepo, f: &str) -> Option<PathBuf> {
+    if !f.ends_with(".safetensors") {
+        return None;
+    }
+    let index = cached.get(&format!("{f}.index.json"))?;
+    let shards = shard_names(&index).ok()?;
+    shards.iter().all(|s| cached.get(s).is_some()).then_some(index)
+}
+
+/// The shard files named by a `model.safetensors.index.json`.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let json = read_json(index)?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
+        path: index.to_path_buf(),
+        message: "missing `weight_map`".into(),
+    })?;
+    let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    Ok(shards.into_iter().map(str::to_string).collect())
+}
+
+/// The id stored with a library: the hub id, or for a local directory its name plus a
+/// fingerprint of its config and weights header, so that moving the directory keeps the
+/// id while a different model gets a different one.
+pub fn model_id(dir: &ModelDir) -> String {
+    if !Path::new(&dir.id).is_dir() {
+        return dir.id.clone();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(&std::fs::read(dir.file("config.json")).unwrap_or_default());
+    for f in dir.weight_files().unwrap_or_default() {
+        feed(&std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+        if let Ok(mut file) = std::fs::File::open(&f) {
+            use std::io::Read;
+            let mut head = vec![0u8; 1 << 16];
+            let n = file.read(&mut head).unwrap_or(0);
+            feed(&head[..n]);
+        }
+    }
+    let name = std::fs::canonicalize(&dir.dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.id.clone());
+    format!("{name}@{:08x}", (h ^ (h >> 32)) as u32)
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {

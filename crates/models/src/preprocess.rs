@@ -66,7 +66,20 @@ impl Default for ProcessorConfig {
 
 impl ProcessorConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = parse_json(path, read_json(path)?)?;
+        Self::from_file_with_defaults(path, &serde_json::Value::Null)
+    }
+
+    /// Like [`from_file`](Self::from_file), with the keys of the object `defaults` filled
+    /// in where the file lacks them: the defaults of another processor class (BLIP's
+    /// processor has no centre crop, for one).
+    pub fn from_file_with_defaults(path: &Path, defaults: &serde_json::Value) -> Result<Self> {
+        let mut v = read_json(path)?;
+        if let (Some(obj), Some(defaults)) = (v.as_object_mut(), defaults.as_object()) {
+            for (k, d) in defaults {
+                obj.entry(k.clone()).or_insert_with(|| d.clone());
+            }
+        }
+        let cfg: Self = parse_json(path, v)?;
         cfg.validate().map_err(|message| Error::Config { path: path.into(), message })?;
         Ok(cfg)
     }

@@ -55,7 +55,7 @@ impl Clip {
         let model = ClipModel::new(&config, weights.var_builder(DType::F32, &device)).map_err(|e| weights.wrap(e))?;
         // Buffers that old checkpoints carry and the model does not need.
         weights.ensure_all_used(&|n| n.ends_with("position_ids"))?;
-        let info = ModelInfo { id: model_id(dir), dim: config.projection_dim };
+        let info = ModelInfo { id: loader::model_id(dir), dim: config.projection_dim };
         Ok(Self { info, model, config, tokenizer, processor, device })
     }
 
@@ -123,37 +123,6 @@ fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
     t.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
         .map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })?;
     Ok(t)
-}
-
-/// The id stored with a library: the hub id, or for a local directory its name plus a
-/// fingerprint of its config and weights header, so that moving the directory keeps the
-/// id while a different model gets a different one.
-fn model_id(dir: &ModelDir) -> String {
-    if !Path::new(&dir.id).is_dir() {
-        return dir.id.clone();
-    }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    feed(&std::fs::read(dir.file("config.json")).unwrap_or_default());
-    for f in dir.weight_files().unwrap_or_default() {
-        feed(&std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0).to_le_bytes());
-        if let Ok(mut file) = std::fs::File::open(&f) {
-            use std::io::Read;
-            let mut head = vec![0u8; 1 << 16];
-            let n = file.read(&mut head).unwrap_or(0);
-            feed(&head[..n]);
-        }
-    }
-    let name = std::fs::canonicalize(&dir.dir)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| dir.id.clone());
-    format!("{name}@{:08x}", (h ^ (h >> 32)) as u32)
 }
 
 impl ImageEmbedder for Clip {

@@ -9,45 +9,7 @@ use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// A linear layer whose weight is kept transposed (`in × out`, contiguous).
-#[derive(Debug, Clone)]
-pub struct Linear {
-    wt: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { wt: w.t()?.contiguous()?, bias })
-    }
-
-    /// Several linears with the same input fused into one (outputs concatenated).
-    fn fused(parts: Vec<Linear>) -> Result<Self> {
-        let wt = Tensor::cat(&parts.iter().map(|l| &l.wt).collect::<Vec<_>>(), 1)?;
-        let bias = match parts.iter().map(|l| l.bias.as_ref()).collect::<Option<Vec<_>>>() {
-            Some(bs) => Some(Tensor::cat(&bs, 0)?),
-            None => None,
-        };
-        Ok(Self { wt, bias })
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (rows, k) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-        let y = x.reshape((rows, k))?.matmul(&self.wt)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("non-empty") = self.wt.dim(1)?;
-        y.reshape(out)
-    }
-}
+pub use crate::nn::Linear;
 
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,330 @@
+//! OPT, the frozen language model of BLIP-2: "OPT: Open Pre-trained Transformer Language
+//! Models" (Zhang et al., 2022). Mirrors `OPTForCausalLM` in transformers'
+//! `models/opt/modeling_opt.py` (`OPTLearnedPositionalEmbedding`, `OPTAttention`,
+//! `OPTDecoderLayer`, `OPTDecoder`), with a key/value cache for generation.
+
+use super::config::OptConfig;
+use crate::clip::config::Activation;
+use crate::nn::{attention, LayerNorm, Linear};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Keys and values of every layer for the positions seen so far, each (batch, heads,
+/// positions, head_dim), plus the attention mask over those positions.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    mask: Vec<Vec<u8>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached so far.
+    pub fn seq_len(&self) -> usize {
+        self.mask.first().map_or(0, Vec::len)
+    }
+
+    pub fn batch(&self) -> usize {
+        self.mask.len()
+    }
+
+    /// Each row's attention mask over the cached positions.
+    pub fn mask(&self) -> &[Vec<u8>] {
+        &self.mask
+    }
+
+    /// Keeps rows `idx` in that order (repeats allowed): beam search's `reorder_cache`, and
+    /// the expansion of one prompt to several beams.
+    pub fn reorder(&mut self, idx: &[usize]) -> Result<()> {
+        if self.layers.iter().all(Option::is_none) {
+            self.mask = idx.iter().map(|&i| self.mask[i].clone()).collect();
+            return Ok(());
+        }
+        let device = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
+        let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &device)?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&ids, 0)?;
+            *v = v.index_select(&ids, 0)?;
+        }
+        self.mask = idx.iter().map(|&i| self.mask[i].clone()).collect();
+        Ok(())
+    }
+}
+
+/// `OPTLearnedPositionalEmbedding`: positions count the attended tokens
+/// (`cumsum(mask) * mask - 1`, so left padding does not shift them), offset by 2.
+#[derive(Debug, Clone)]
+struct LearnedPositionalEmbedding {
+    weight: Tensor,
+}
+
+impl LearnedPositionalEmbedding {
+    const OFFSET: usize = 2;
+
+    fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((c.max_position_embeddings + Self::OFFSET, c.hidden_size), "weight")? })
+    }
+
+    /// Embeddings of the positions `past..` of each row of `mask`: (batch, new, hidden).
+    fn forward(&self, mask: &[Vec<u8>], past: usize) -> Result<Tensor> {
+        let rows = self.weight.dim(0)?;
+        let mut ids = Vec::new();
+        for row in mask {
+            let mut count: i64 = 0;
+            for (j, &m) in row.iter().enumerate() {
+                count += m as i64;
+                if j >= past {
+                    let pos = (count * m as i64 - 1 + Self::OFFSET as i64) as usize;
+                    if pos >= rows {
+                        candle_core::bail!(
+                            "position {} exceeds max_position_embeddings {}",
+                            pos - Self::OFFSET,
+                            rows - Self::OFFSET
+                        );
+                    }
+                    ids.push(pos as u32);
+                }
+            }
+        }
+        let (b, n) = (mask.len(), mask[0].len() - past);
+        let ids = Tensor::from_vec(ids, b * n, self.weight.device())?;
+        self.weight.index_select(&ids, 0)?.reshape((b, n, ()))
+    }
+}
+
+/// `OPTAttention`: causal self-attention, the query scaled before the product.
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    scaling: f64,
+}
+
+impl Attention {
+    fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        let h = c.hidden_size;
+        let lin = |n: &str| Linear::new(h, h, c.enable_bias, vb.pp(n));
+        let head_dim = h / c.num_attention_heads;
+        Ok(Self {
+            qkv: Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?,
+            out_proj: lin("out_proj")?,
+            heads: c.num_attention_heads,
+            head_dim,
+            scaling: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let (b, s, hidden) = xs.dims3()?;
+        let qkv = self.qkv.forward(xs)?.reshape((b, s, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * self.scaling)?;
+        let mut k = qkv.get(1)?.contiguous()?;
+        let mut v = qkv.get(2)?.contiguous()?;
+        if let Some((pk, pv)) = cache.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        *cache = Some((k.clone(), v.clone()));
+        let o = attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((b, s, hidden))?;
+        self.out_proj.forward(&o)
+    }
+}
+
+/// `OPTDecoderLayer`: attention and a ReLU feed-forward, each with a residual, the
+/// LayerNorms before (`do_layer_norm_before`, all BLIP-2 OPTs) or after them.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+    act: Activation,
+    do_layer_norm_before: bool,
+}
+
+impl DecoderLayer {
+    fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            self_attn: Attention::new(c, vb.pp("self_attn"))?,
+            self_attn_layer_norm: layer_norm(c, vb.pp("self_attn_layer_norm"))?,
+            fc1: Linear::new(h, c.ffn_dim, c.enable_bias, vb.pp("fc1"))?,
+            fc2: Linear::new(c.ffn_dim, h, c.enable_bias, vb.pp("fc2"))?,
+            final_layer_norm: layer_norm(c, vb.pp("final_layer_norm"))?,
+            act: c.activation_function,
+            do_layer_norm_before: c.do_layer_norm_before,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let pre = self.do_layer_norm_before;
+        let h = if pre { self.self_attn_layer_norm.forward(xs)? } else { xs.clone() };
+        let h = (self.self_attn.forward(&h, mask, cache)? + xs)?;
+        let h = if pre { h } else { self.self_attn_layer_norm.forward(&h)? };
+        let f = if pre { self.final_layer_norm.forward(&h)? } else { h.clone() };
+        let h = (self.fc2.forward(&self.act.forward(&self.fc1.forward(&f)?)?)? + h)?;
+        if pre {
+            Ok(h)
+        } else {
+            self.final_layer_norm.forward(&h)
+        }
+    }
+}
+
+fn layer_norm(c: &OptConfig, vb: VarBuilder) -> Result<LayerNorm> {
+    if c.layer_norm_elementwise_affine {
+        LayerNorm::new(c.hidden_size, OptConfig::LAYER_NORM_EPS, vb)
+    } else {
+        LayerNorm::plain(c.hidden_size, OptConfig::LAYER_NORM_EPS, vb.device())
+    }
+}
+
+/// `OPTForCausalLM`: `OPTDecoder` (token embeddings in, optional `project_in`, learned
+/// positions, layers, final LayerNorm, optional `project_out`) and the LM head, tied to
+/// the token embeddings unless the config unties them.
+#[derive(Debug, Clone)]
+pub struct OptForCausalLM {
+    embed_tokens: Tensor,
+    embed_positions: LearnedPositionalEmbedding,
+    project_in: Option<Linear>,
+    project_out: Option<Linear>,
+    layers: Vec<DecoderLayer>,
+    final_layer_norm: Option<LayerNorm>,
+    /// `lm_head.weight` when untied; the head is `embed_tokens` otherwise.
+    lm_head: Option<Tensor>,
+    vocab_size: usize,
+}
+
+impl OptForCausalLM {
+    pub fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+        let d = vb.pp("model").pp("decoder");
+        let (h, e) = (c.hidden_size, c.word_embed_proj_dim());
+        let (project_in, project_out) = if e != h {
+            (Some(Linear::new(e, h, false, d.pp("project_in"))?), Some(Linear::new(h, e, false, d.pp("project_out"))?))
+        } else {
+            (None, None)
+        };
+        let final_layer_norm = if c.do_layer_norm_before && !c.remove_final_layer_norm {
+            Some(layer_norm(c, d.pp("final_layer_norm"))?)
+        } else {
+            None
+        };
+        let embed_tokens = d.pp("embed_tokens").get((c.vocab_size, e), "weight")?;
+        let head = vb.pp("lm_head");
+        let lm_head = if !c.tie_word_embeddings {
+            Some(head.get((c.vocab_size, e), "weight")?)
+        } else {
+            // transformers ties the head to the embeddings after loading, whatever a saved
+            // `lm_head.weight` holds; read it so that strict loading counts it as used.
+            if head.contains_tensor("weight") {
+                head.get((c.vocab_size, e), "weight")?;
+            }
+            None
+        };
+        let lv = d.pp("layers");
+        Ok(Self {
+            embed_tokens,
+            embed_positions: LearnedPositionalEmbedding::new(c, d.pp("embed_positions"))?,
+            project_in,
+            project_out,
+            layers: (0..c.num_hidden_layers).map(|i| DecoderLayer::new(c, lv.pp(i))).collect::<Result<_>>()?,
+            final_layer_norm,
+            lm_head,
+            vocab_size: c.vocab_size,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// `embed_tokens(ids)`: (len, word_embed_proj_dim).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {}", self.vocab_size);
+        }
+        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), self.embed_tokens.device())?;
+        self.embed_tokens.index_select(&ids, 0)
+    }
+
+    /// Runs `inputs_embeds` (batch, new, word_embed_proj_dim) after the cached positions.
+    /// `mask` is each row's attention mask over cached + new positions (1 = attend, 0 =
+    /// padding). Returns the logits (batch, new, vocab), or only the last position's
+    /// (batch, 1, vocab) with `last_only`.
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        mask: &[Vec<u8>],
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, s, _) = inputs_embeds.dims3()?;
+        let past = cache.seq_len();
+        if mask.len() != b || mask.iter().any(|m| m.len() != past + s) {
+            candle_core::bail!("attention mask must be {b} rows of {} (cached {past} + new {s})", past + s);
+        }
+        if cache.batch() != 0 && cache.batch() != b {
+            candle_core::bail!("cache holds {} rows, the input {b}", cache.batch());
+        }
+        cache.layers.resize(self.layers.len(), None);
+        let pos_embeds = self.embed_positions.forward(mask, past)?;
+        let xs = match &self.project_in {
+            Some(p) => p.forward(inputs_embeds)?,
+            None => inputs_embeds.clone(),
+        };
+        let pos_embeds = pos_embeds.to_dtype(xs.dtype())?;
+        let mut xs = (xs + pos_embeds)?;
+        let attn_mask = causal_mask(mask, past, s, xs.device())?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, attn_mask.as_ref(), kv)?;
+        }
+        cache.mask = mask.to_vec();
+        if last_only {
+            xs = xs.narrow(1, s - 1, 1)?;
+        }
+        if let Some(ln) = &self.final_layer_norm {
+            xs = ln.forward(&xs)?;
+        }
+        if let Some(p) = &self.project_out {
+            xs = p.forward(&xs)?;
+        }
+        self.lm_head(&xs)
+    }
+
+    fn lm_head(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, s, e) = xs.dims3()?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        // The transposed view is read in place: no copy of a (vocab × width) matrix.
+        xs.reshape((b * s, e))?.matmul(&w.t()?)?.reshape((b, s, self.vocab_size))
+    }
+}
+
+/// The additive mask (batch, 1, new, cached + new) in f32: a query at absolute position
+/// `past + i` sees keys `j <= past + i` whose mask is 1. `None` when nothing is masked.
+fn causal_mask(mask: &[Vec<u8>], past: usize, s: usize, device: &Device) -> Result<Option<Tensor>> {
+    let total = past + s;
+    let padded = mask.iter().any(|m| m.contains(&0));
+    if s == 1 && !padded {
+        return Ok(None);
+    }
+    // A large finite value rather than -inf, so that a fully masked row (a padding query)
+    // gives a harmless uniform softmax instead of NaN.
+    const MASKED: f32 = -1e30;
+    let mut m = Vec::with_capacity(mask.len() * s * total);
+    for row in mask {
+        for i in 0..s {
+            m.extend((0..total).map(|j| if j <= past + i && row[j] == 1 { 0.0 } else { MASKED }));
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (mask.len(), 1, s, total), device)?))
+}
