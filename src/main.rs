@@ -3,16 +3,19 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use magpie_core::{Device, ImageEmbedder, TextEmbedder};
-use magpie_engine::{IndexOptions, Library, LibraryConfig, SearchHit};
-use magpie_models::Clip;
-use std::path::PathBuf;
+use magpie_core::{Captioner, Device, GenerationOptions, ImageEmbedder, ImageId, TextEmbedder, VisualChat};
+use magpie_engine::{CaptionOptions, CaptionReport, IndexOptions, Library, LibraryConfig, SearchHit, SearchMode};
+use magpie_models::{Blip2, Clip};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
+const DEFAULT_CAPTION_MODEL: &str = "Salesforce/blip2-opt-2.7b";
 
 #[derive(Parser)]
 #[command(name = "magpie", version, about = "Self-hosted multimodal image search: find photos by meaning.")]
@@ -31,6 +34,9 @@ struct Global {
     /// CLIP model: a local Hugging Face directory or a hub id (downloaded once).
     #[arg(long, global = true, env = "MAGPIE_MODEL", default_value = DEFAULT_MODEL, value_name = "DIR|ID")]
     model: String,
+    /// Captioning and chat model (BLIP-2): a local Hugging Face directory or a hub id.
+    #[arg(long, global = true, env = "MAGPIE_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL, value_name = "DIR|ID")]
+    caption_model: String,
     /// Where models run: auto, cpu, cuda or cuda:N.
     #[arg(long, global = true, env = "MAGPIE_DEVICE", default_value = "auto")]
     device: Device,
@@ -55,12 +61,53 @@ enum Command {
         /// Refuse images declaring more pixels than this (decompression bombs).
         #[arg(long)]
         max_pixels: Option<u64>,
+        /// Then caption the images that have no caption yet (BLIP-2; slower).
+        #[arg(long)]
+        captions: bool,
+        #[command(flatten)]
+        generation: GenerationArgs,
     },
     /// Find images matching a text.
     Search {
         text: String,
         #[arg(short, default_value_t = 10)]
         k: usize,
+        /// vector: CLIP only; text: words in captions and file/folder names (BM25);
+        /// hybrid: both, fused by reciprocal rank.
+        #[arg(long, default_value_t = SearchMode::Hybrid)]
+        mode: SearchMode,
+    },
+    /// Caption every indexed image that has none yet (--all; resumable), or one image
+    /// (an indexed image's caption is stored; any other file's is only printed).
+    Caption {
+        #[arg(value_name = "PATH|ID", required_unless_present = "all", conflicts_with = "all")]
+        target: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        generation: GenerationArgs,
+    },
+    /// Chat about an indexed image: questions from standard input, one per line;
+    /// answers stream as they are generated. Ends at end of input or `/quit`.
+    Chat {
+        #[arg(value_name = "PATH|ID", required_unless_present = "resume")]
+        target: Option<String>,
+        /// Continue the conversation with this id.
+        #[arg(long, value_name = "CONV_ID")]
+        resume: Option<i64>,
+        #[command(flatten)]
+        generation: GenerationArgs,
+    },
+    /// Ask one question about an indexed image and print the answer.
+    Ask {
+        #[arg(value_name = "PATH|ID")]
+        target: String,
+        question: String,
+        /// Continue the conversation with this id (its history is part of the prompt).
+        #[arg(long, value_name = "CONV_ID")]
+        conversation: Option<i64>,
+        #[command(flatten)]
+        generation: GenerationArgs,
     },
     /// Find images that look like an image file or an indexed image id.
     Similar {
@@ -78,8 +125,32 @@ enum Command {
     },
     /// Counts, model and index state of the library.
     Status,
-    /// Rebuild the vector index from the database.
+    /// Rebuild the vector index and the caption index from the database.
     Reindex,
+}
+
+/// How captions and answers are generated.
+#[derive(Args, Clone)]
+struct GenerationArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = GenerationOptions::default().max_new_tokens)]
+    max_new_tokens: usize,
+    /// 1: greedy decoding; more: beam search.
+    #[arg(long, default_value_t = GenerationOptions::default().num_beams)]
+    num_beams: usize,
+    /// Above 1 discourages repeating tokens.
+    #[arg(long, default_value_t = GenerationOptions::default().repetition_penalty)]
+    repetition_penalty: f32,
+}
+
+impl GenerationArgs {
+    fn options(&self) -> GenerationOptions {
+        GenerationOptions {
+            max_new_tokens: self.max_new_tokens,
+            num_beams: self.num_beams.max(1),
+            repetition_penalty: self.repetition_penalty,
+        }
+    }
 }
 
 fn data_dir(g: &Global) -> Result<PathBuf> {
@@ -95,6 +166,105 @@ fn load_model(g: &Global) -> Result<Arc<Clip>> {
     let clip = Clip::load(&g.model, g.device).with_context(|| format!("loading model {}", g.model))?;
     tracing::info!(model = %clip.info().id, dim = clip.info().dim, device = ?clip.device(), "model loaded");
     Ok(Arc::new(clip))
+}
+
+// The captioning and chat models come in through this seam only: the rest of the binary
+// (and the engine) sees the `Captioner` and `VisualChat` traits.
+fn load_blip2(g: &Global) -> Result<Arc<Blip2>> {
+    let m = Blip2::load(&g.caption_model, g.device).with_context(|| format!("loading captioning model {}", g.caption_model))?;
+    tracing::info!(model = %Captioner::model(&m).id, "captioning model loaded");
+    Ok(Arc::new(m))
+}
+
+fn load_captioner(g: &Global) -> Result<Arc<dyn Captioner>> {
+    Ok(load_blip2(g)?)
+}
+
+fn load_chat(g: &Global) -> Result<Arc<dyn VisualChat>> {
+    Ok(load_blip2(g)?)
+}
+
+/// The library as it is, without loading CLIP (captions and chat do not need it).
+async fn open_recorded(g: &Global) -> Result<Library> {
+    let dir = data_dir(g)?;
+    Ok(Library::open_recorded(&dir, LibraryConfig::default()).await?)
+}
+
+/// An indexed image given as a path or an id.
+async fn resolve(lib: &Library, target: &str) -> Result<ImageId> {
+    let path = Path::new(target);
+    if path.exists() {
+        return Ok(lib.resolve_file(path).await?);
+    }
+    match target.parse::<ImageId>() {
+        Ok(id) => {
+            lib.store().get_file(id).await?.filter(|f| f.status == magpie_store::FileStatus::Indexed).with_context(|| format!("no indexed image with id {id}"))?;
+            Ok(id)
+        }
+        Err(_) => bail!("{target}: no such file, and not an image id"),
+    }
+}
+
+fn caption_bar(g: &Global) -> ProgressBar {
+    let bar = if g.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} captions  {per_sec}  ETA {eta}  {msg}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+async fn caption_all(g: &Global, lib: &Library, captioner: Arc<dyn Captioner>, generation: GenerationOptions) -> Result<CaptionReport> {
+    let bar = caption_bar(g);
+    let opts = CaptionOptions { generation, ..Default::default() };
+    let report = lib
+        .caption_all(
+            captioner,
+            &opts,
+            &|p| {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                if p.failed > 0 {
+                    bar.set_message(format!("{} failed", p.failed));
+                }
+            },
+            Arc::new(AtomicBool::new(false)),
+        )
+        .await?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+fn print_caption_report(report: &CaptionReport) {
+    println!(
+        "{} captioned, {} failed, {} still without a caption; {:.1} s",
+        report.captioned,
+        report.failed.len(),
+        report.remaining,
+        report.elapsed.as_secs_f64()
+    );
+    for (p, why) in &report.failed {
+        println!("  {}: {why}", p.display());
+    }
+}
+
+/// Asks one question, streaming the answer to stdout (JSON: one object at the end).
+async fn ask_one(g: &Global, lib: &Library, conversation: i64, question: &str, chat: Arc<dyn VisualChat>, opts: &GenerationOptions) -> Result<String> {
+    let json = g.json;
+    let answer = lib
+        .ask(conversation, question, chat, opts, &mut |piece| {
+            if !json {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            }
+        })
+        .await?;
+    if json {
+        println!("{}", serde_json::json!({ "conversation": conversation, "question": question.trim(), "answer": answer }));
+    } else {
+        println!();
+    }
+    Ok(answer)
 }
 
 async fn open_library(g: &Global, clip: &Clip) -> Result<Library> {
@@ -119,6 +289,9 @@ fn print_hits(g: &Global, hits: &[SearchHit]) -> Result<()> {
     for h in hits {
         let extra = h.taken_at.as_deref().map(|t| format!("  taken {t}")).unwrap_or_default();
         println!("{:>7.4}  {}  (id {}){extra}", h.score, h.path, h.id);
+        if let Some(c) = &h.caption {
+            println!("         “{c}”");
+        }
     }
     Ok(())
 }
@@ -126,7 +299,9 @@ fn print_hits(g: &Global, hits: &[SearchHit]) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     let g = cli.global.clone();
     match cli.command {
-        Command::Index { dirs, batch_size, max_pixels } => {
+        Command::Index { dirs, batch_size, max_pixels, captions, generation } => {
+            // Load the captioner first: a missing model should fail before the long pass.
+            let captioner = if captions { Some(load_captioner(&g)?) } else { None };
             let clip = load_model(&g)?;
             let lib = open_library(&g, &clip).await?;
             let mut opts = IndexOptions { batch_size, ..Default::default() };
@@ -170,15 +345,134 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            if let Some(captioner) = captioner {
+                let report = caption_all(&g, &lib, captioner, generation.options()).await?;
+                if g.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_caption_report(&report);
+                }
+            }
         }
-        Command::Search { text, k } => {
+        Command::Search { text, k, mode } => {
             let clip = load_model(&g)?;
             let lib = open_library(&g, &clip).await?;
             if lib.indexed_vectors() == 0 {
                 bail!("the library at {} has no images yet: run `magpie index DIR` first", lib.dir().display());
             }
-            let hits = lib.search_text(clip.as_ref(), &text, k).await?;
+            let hits = lib.search_text_hybrid(clip.as_ref(), &text, k, mode).await?;
             print_hits(&g, &hits)?;
+        }
+        Command::Caption { target, all, generation } => {
+            let captioner = load_captioner(&g)?;
+            let opts = generation.options();
+            if all {
+                let lib = open_recorded(&g).await?;
+                let report = caption_all(&g, &lib, captioner, opts).await?;
+                if g.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_caption_report(&report);
+                }
+            } else {
+                let target = target.expect("clap requires PATH|ID without --all");
+                let path = PathBuf::from(&target);
+                // Any image file can be captioned, in a library or not (then nothing is stored).
+                let lib = match Library::open_recorded(&data_dir(&g)?, LibraryConfig::default()).await {
+                    Ok(lib) => Some(lib),
+                    Err(magpie_engine::Error::Empty(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let id = match &lib {
+                    Some(lib) if path.exists() => match lib.resolve_file(&path).await {
+                        Ok(id) => Some(id),
+                        Err(magpie_engine::Error::NotIndexed(_)) => None,
+                        Err(e) => return Err(e.into()),
+                    },
+                    Some(lib) => Some(resolve(lib, &target).await?),
+                    None if path.exists() => None,
+                    None => bail!("{target}: no such file, and there is no library to look an id up in"),
+                };
+                let copts = CaptionOptions { generation: opts, ..Default::default() };
+                let caption = match (id, &lib) {
+                    (Some(id), Some(lib)) => lib.caption_one(id, captioner, &copts).await?,
+                    _ => magpie_engine::caption_file(&path, captioner.as_ref(), &copts)?,
+                };
+                if g.json {
+                    println!("{}", serde_json::json!({ "target": target, "id": id, "caption": caption, "stored": id.is_some() }));
+                } else {
+                    println!("{caption}");
+                    if id.is_none() {
+                        eprintln!("note: {target} is not in the library; the caption was not stored");
+                    }
+                }
+            }
+        }
+        Command::Chat { target, resume, generation } => {
+            let lib = open_recorded(&g).await?;
+            let chat = load_chat(&g)?;
+            let conversation = match (resume, &target) {
+                (Some(c), target) => {
+                    let history = lib.conversation(c).await?;
+                    if let Some(t) = target {
+                        let id = resolve(&lib, t).await?;
+                        if id != history.conversation.file_id {
+                            bail!("conversation {c} is about image {}, not {t}", history.conversation.file_id);
+                        }
+                    }
+                    if !g.json {
+                        for (q, a) in history.turns() {
+                            println!("> {q}\n{a}");
+                        }
+                    }
+                    c
+                }
+                (None, Some(t)) => {
+                    let id = resolve(&lib, t).await?;
+                    lib.start_chat(id, &chat.model().id).await?
+                }
+                (None, None) => bail!("pass PATH|ID or --resume CONV_ID"),
+            };
+            let opts = generation.options();
+            let interactive = std::io::stdin().is_terminal();
+            eprintln!("conversation {conversation}: ask a question per line; end with Ctrl-D or /quit");
+            let stdin = std::io::stdin();
+            let mut lines = stdin.lock().lines();
+            loop {
+                if interactive {
+                    eprint!("> ");
+                }
+                let Some(line) = lines.next() else { break };
+                let line = line.context("reading standard input")?;
+                let q = line.trim();
+                if q.is_empty() {
+                    continue;
+                }
+                if q == "/quit" || q == "/exit" {
+                    break;
+                }
+                ask_one(&g, &lib, conversation, q, chat.clone(), &opts).await?;
+            }
+            eprintln!("conversation {conversation} (continue it with: magpie chat --resume {conversation})");
+        }
+        Command::Ask { target, question, conversation, generation } => {
+            let lib = open_recorded(&g).await?;
+            let id = resolve(&lib, &target).await?;
+            let chat = load_chat(&g)?;
+            let conversation = match conversation {
+                Some(c) => {
+                    let about = lib.conversation(c).await?.conversation.file_id;
+                    if about != id {
+                        bail!("conversation {c} is about image {about}, not {target}");
+                    }
+                    c
+                }
+                None => lib.start_chat(id, &chat.model().id).await?,
+            };
+            ask_one(&g, &lib, conversation, &question, chat, &generation.options()).await?;
+            if !g.json {
+                eprintln!("conversation {conversation} (continue it with: magpie ask {target} \"…\" --conversation {conversation})");
+            }
         }
         Command::Similar { target, k } => {
             let clip = load_model(&g)?;
@@ -239,6 +533,12 @@ async fn run(cli: Cli) -> Result<()> {
                         Some(_) => println!("index     stale: it will be rebuilt from the database on next use (or run `magpie reindex`)"),
                         None => println!("index     not built yet"),
                     }
+                    println!("captions  {} of {} images", s.captions, s.counts.indexed);
+                    match &s.text_index {
+                        Some(t) if t.up_to_date => println!("text      {} documents, up to date", t.documents),
+                        Some(_) => println!("text      stale: it will be rebuilt from the database on next use (or run `magpie reindex`)"),
+                        None => println!("text      not built yet"),
+                    }
                     println!("device    {}", describe_device(g.device));
                 }
             }
@@ -247,10 +547,11 @@ async fn run(cli: Cli) -> Result<()> {
             let clip = load_model(&g)?;
             let lib = open_library(&g, &clip).await?;
             let n = lib.rebuild_index().await?;
+            let docs = lib.text_documents();
             if g.json {
-                println!("{}", serde_json::json!({ "vectors": n }));
+                println!("{}", serde_json::json!({ "vectors": n, "text_documents": docs }));
             } else {
-                println!("rebuilt the vector index: {n} vectors");
+                println!("rebuilt the vector index: {n} vectors; the caption index: {docs} documents");
             }
         }
     }

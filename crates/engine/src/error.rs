@@ -7,6 +7,8 @@ pub enum Error {
     #[error(transparent)]
     Index(#[from] magpie_index::Error),
     #[error(transparent)]
+    Text(#[from] magpie_index::TextError),
+    #[error(transparent)]
     Media(#[from] magpie_media::Error),
     #[error("model: {0}")]
     Model(#[from] magpie_core::Error),
@@ -18,6 +20,10 @@ pub enum Error {
     NotIndexed(PathBuf),
     #[error("the library at {} is empty: run `magpie index DIR` first", .0.display())]
     Empty(PathBuf),
+    #[error("no conversation with id {0}")]
+    UnknownConversation(i64),
+    #[error("the question is empty")]
+    EmptyQuestion,
     #[error("background task failed: {0}")]
     Task(String),
 }

@@ -1,6 +1,7 @@
 //! The indexing pipeline. Decoding and preprocessing run on a pool of threads while the
 //! model embeds the previous batch; each embedded batch is committed to SQLite in one
-//! transaction and only then added to the vector index.
+//! transaction and only then added to the vector index and (its path words, and any
+//! caption it keeps) to the caption index.
 
 use crate::{Error, Library, Result};
 use magpie_core::{Embedding, ImageEmbedder, Pixels};
@@ -435,10 +436,13 @@ impl Library {
         }
         if !deleted.is_empty() {
             report.deleted = self.store.mark_deleted(&deleted).await?;
-            let mut ix = self.index.write().expect("index lock");
-            for id in &deleted {
-                ix.remove(*id);
+            {
+                let mut ix = self.index.write().expect("index lock");
+                for id in &deleted {
+                    ix.remove(*id);
+                }
             }
+            self.text().remove(&deleted)?;
         }
 
         let mut prog = Progress { total: cands.len() as u64, scanned: report.scanned, ..Default::default() };
@@ -450,9 +454,11 @@ impl Library {
         };
         let mut last_save = Instant::now();
         let mut dirty = report.deleted > 0;
+        let mut text_dirty = report.deleted > 0;
         while let Some(b) = rx.recv().await {
             match b {
                 Batch::Embedded(files, existing) => {
+                    let text_guard = self.text_write.lock().await;
                     let committed = self.store.commit_batch(&files).await?;
                     {
                         let items: Vec<(i64, &[f32])> =
@@ -461,7 +467,10 @@ impl Library {
                         ix.insert(&items)?;
                         ix.set_generation(committed.generation);
                     }
+                    self.refresh_text(&committed.ids).await?;
+                    drop(text_guard);
                     dirty = true;
+                    text_dirty = true;
                     for e in existing {
                         if e {
                             report.updated += 1
@@ -474,7 +483,12 @@ impl Library {
                 Batch::Failed(cand, why) => {
                     let id = self.store.record_failure(cand.root_id, &cand.path, cand.size, cand.mtime_ns, &why).await?;
                     // A file that was indexed and now fails leaves the index; save that.
-                    dirty |= self.index.write().expect("index lock").remove(id);
+                    let was_indexed = self.index.write().expect("index lock").remove(id);
+                    if was_indexed {
+                        self.text().remove(&[id])?;
+                        text_dirty = true;
+                    }
+                    dirty |= was_indexed;
                     report.failed.push((cand.path, why));
                     prog.done += 1;
                     prog.failed += 1;
@@ -488,6 +502,11 @@ impl Library {
             progress(&prog);
             if dirty && last_save.elapsed() >= opts.save_every {
                 self.save_index().await?;
+                if text_dirty {
+                    // Stays set: the end of the run commits again and closes the writer.
+                    let _guard = self.text_write.lock().await;
+                    self.commit_text().await?;
+                }
                 last_save = Instant::now();
                 dirty = false;
             }
@@ -495,6 +514,9 @@ impl Library {
         pipeline.await.map_err(|e| Error::Task(e.to_string()))?;
         if dirty {
             self.save_index().await?;
+        }
+        if text_dirty {
+            self.finish_text().await?;
         }
         report.elapsed = start.elapsed();
         Ok(report)

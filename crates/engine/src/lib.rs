@@ -1,9 +1,12 @@
 //! magpie-engine: ingest and search over one library (a data directory).
 //!
 //! It owns the pipeline walk → read → hash → decode → preprocess → embed → commit to
-//! SQLite → update the vector index, and the queries on top (text, image, id). Models
-//! come in only through the `magpie-core` traits, so tests run with fake embedders and
-//! no weights. Progress is reported through a callback; the binary draws the bars.
+//! SQLite → update the vector index and the caption index (path words), captioning
+//! (resumable, commit to SQLite then the caption index), the queries on top (text by
+//! CLIP, by BM25 over captions and path words, or both fused; image; id) and chat
+//! sessions about an image kept in SQLite. Models come in only through the
+//! `magpie-core` traits, so tests run with fake models and no weights. Progress is
+//! reported through a callback; the binary draws the bars.
 //!
 //! ```no_run
 //! # async fn demo(embedder: std::sync::Arc<dyn magpie_core::ImageEmbedder>) -> Result<(), magpie_engine::Error> {
@@ -14,17 +17,24 @@
 //! # Ok(()) }
 //! ```
 
+mod caption;
+mod chat;
 mod error;
 mod ingest;
 mod library;
 mod search;
 
+pub use caption::{caption_file, CaptionOptions, CaptionProgress, CaptionReport};
+pub use chat::{chat_prompt, ChatHistory};
 pub use error::{Error, Result};
 pub use ingest::{IndexOptions, IndexReport, Progress};
-pub use library::{IndexState, IndexStatus, Library, LibraryConfig, Status};
-pub use search::{embed_file, SearchHit};
+pub use library::{IndexState, IndexStatus, Library, LibraryConfig, Status, TextIndexStatus};
+pub use magpie_store::{Caption, Conversation, ConversationId, Message, Role};
+pub use search::{embed_file, reciprocal_rank_fusion, SearchHit, SearchMode, RRF_K};
 
 /// File name of the SQLite database inside the data directory.
 pub const DB_FILE: &str = "magpie.db";
 /// Base name of the vector index files inside the data directory.
 pub const VECTOR_INDEX: &str = "vectors";
+/// Folder of the caption (tantivy) index inside the data directory.
+pub const TEXT_INDEX: &str = "captions.tantivy";

@@ -1,13 +1,74 @@
-//! Queries: nearest images to a vector, a text, a file or an indexed image.
+//! Queries: nearest images to a vector, a text, a file or an indexed image; BM25 over
+//! captions and path words; and both fused by reciprocal rank.
 
 use crate::{Error, Library, Result};
 use magpie_core::{ImageEmbedder, ImageId, TextEmbedder};
 use magpie_media::DecodeOptions;
 use magpie_store::{FileRecord, FileStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
 
-/// One result: the file, its score (cosine similarity) and what we know of it.
+/// The `k` of reciprocal rank fusion: a result at rank r (from 1) of one ranking adds
+/// 1 / (RRF_K + r). 60 is the value of Cormack et al. (SIGIR 2009) that most engines use.
+pub const RRF_K: f32 = 60.0;
+/// How deep each ranking is read before fusing (at least; more for a large `k`).
+const FUSION_DEPTH: usize = 100;
+
+/// How a text query is matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// CLIP: the text's embedding against the images'. Score: cosine similarity.
+    Vector,
+    /// BM25 over captions and path words. Score: BM25.
+    Text,
+    /// Both rankings fused by reciprocal rank, so that a word found only in a caption or
+    /// a folder name still surfaces the image. Score: the fused RRF score.
+    #[default]
+    Hybrid,
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "vector" | "clip" => Ok(SearchMode::Vector),
+            "text" | "bm25" => Ok(SearchMode::Text),
+            "hybrid" => Ok(SearchMode::Hybrid),
+            other => Err(format!("unknown search mode `{other}` (vector, text or hybrid)")),
+        }
+    }
+}
+
+impl std::fmt::Display for SearchMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SearchMode::Vector => "vector",
+            SearchMode::Text => "text",
+            SearchMode::Hybrid => "hybrid",
+        })
+    }
+}
+
+/// Fuses rankings (ids, best first; each id at most once per ranking) by reciprocal
+/// rank: score(id) = Σ over rankings holding it of 1 / (`k` + rank), rank from 1. Best
+/// first; ties go to the id ranked best anywhere, then the smaller id.
+pub fn reciprocal_rank_fusion(rankings: &[&[ImageId]], k: f32) -> Vec<(ImageId, f32)> {
+    let mut fused: HashMap<ImageId, (f32, usize)> = HashMap::new();
+    for ranking in rankings {
+        for (i, id) in ranking.iter().enumerate() {
+            let e = fused.entry(*id).or_insert((0.0, usize::MAX));
+            e.0 += 1.0 / (k + (i + 1) as f32);
+            e.1 = e.1.min(i);
+        }
+    }
+    let mut out: Vec<(ImageId, f32, usize)> = fused.into_iter().map(|(id, (s, best))| (id, s, best)).collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
+    out.into_iter().map(|(id, s, _)| (id, s)).collect()
+}
+
+/// One result: the file, its score (see [`SearchMode`]) and what we know of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SearchHit {
     pub id: ImageId,
@@ -18,10 +79,12 @@ pub struct SearchHit {
     pub format: Option<String>,
     pub taken_at: Option<String>,
     pub camera: Option<String>,
+    /// The image's caption, if it has one.
+    pub caption: Option<String>,
 }
 
 impl SearchHit {
-    fn new(f: FileRecord, score: f32) -> Self {
+    fn new(f: FileRecord, score: f32, caption: Option<String>) -> Self {
         let meta = f.meta.as_ref();
         let camera = meta.and_then(|m| match (&m.exif.camera_make, &m.exif.camera_model) {
             (Some(a), Some(b)) if b.starts_with(a.as_str()) => Some(b.clone()),
@@ -37,6 +100,7 @@ impl SearchHit {
             format: meta.map(|m| m.format.clone()),
             taken_at: meta.and_then(|m| m.exif.taken_at.clone()),
             camera,
+            caption,
         }
     }
 }
@@ -65,24 +129,86 @@ impl Library {
                 ix.search(query, want, None, Some(&filter))?
             };
             let exhausted = hits.len() < want;
-            let ids: Vec<ImageId> = hits.iter().map(|h| h.id).collect();
-            let files = self.store.get_files(&ids).await?;
-            let by_id: std::collections::HashMap<ImageId, FileRecord> = files.into_iter().map(|f| (f.id, f)).collect();
-            let mut out: Vec<SearchHit> = Vec::with_capacity(k);
-            for h in hits {
-                if let Some(f) = by_id.get(&h.id) {
-                    if f.status == FileStatus::Indexed {
-                        out.push(SearchHit::new(f.clone(), h.score));
-                    }
-                }
-                if out.len() == k {
-                    break;
-                }
-            }
+            let ranked: Vec<(ImageId, f32)> = hits.iter().map(|h| (h.id, h.score)).collect();
+            let out = self.hits(&ranked, k).await?;
             if out.len() == k || exhausted {
                 return Ok(out);
             }
             want *= 2;
+        }
+    }
+
+    /// The first `k` of `ranked` (id, score) that are indexed files, as hits with their
+    /// metadata and caption, in the given order.
+    async fn hits(&self, ranked: &[(ImageId, f32)], k: usize) -> Result<Vec<SearchHit>> {
+        let ids: Vec<ImageId> = ranked.iter().map(|(id, _)| *id).collect();
+        let files = self.store.get_files(&ids).await?;
+        let mut by_id: HashMap<ImageId, FileRecord> =
+            files.into_iter().filter(|f| f.status == FileStatus::Indexed).map(|f| (f.id, f)).collect();
+        let keep: Vec<ImageId> = ids.iter().copied().filter(|id| by_id.contains_key(id)).take(k).collect();
+        let mut captions = self.store.captions_for(&keep).await?;
+        let mut out = Vec::with_capacity(keep.len());
+        for (id, score) in ranked {
+            if out.len() == k {
+                break;
+            }
+            if let Some(f) = by_id.remove(id) {
+                out.push(SearchHit::new(f, *score, captions.remove(id)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `k` indexed images whose caption or path words best match `text` (BM25).
+    /// Any text is accepted; words the index does not hold match nothing.
+    pub async fn search_captions(&self, text: &str, k: usize) -> Result<Vec<SearchHit>> {
+        if k == 0 {
+            return Ok(vec![]);
+        }
+        let text_index = self.text();
+        let mut want = k + 1 + k / 4;
+        loop {
+            let hits = text_index.search(text, want)?;
+            let exhausted = hits.len() < want;
+            let ranked: Vec<(ImageId, f32)> = hits.iter().map(|h| (h.id, h.score)).collect();
+            let out = self.hits(&ranked, k).await?;
+            if out.len() == k || exhausted {
+                return Ok(out);
+            }
+            want *= 2;
+        }
+    }
+
+    /// Text → image search in `mode`; [`SearchMode::Hybrid`] fuses the CLIP ranking and
+    /// the BM25 ranking by reciprocal rank (k = [`RRF_K`]). `embedder` is not called in
+    /// `Text` mode.
+    pub async fn search_text_hybrid(
+        &self,
+        embedder: &dyn TextEmbedder,
+        text: &str,
+        k: usize,
+        mode: SearchMode,
+    ) -> Result<Vec<SearchHit>> {
+        match mode {
+            SearchMode::Vector => self.search_text(embedder, text, k).await,
+            SearchMode::Text => self.search_captions(text, k).await,
+            SearchMode::Hybrid => {
+                if k == 0 {
+                    return Ok(vec![]);
+                }
+                let depth = FUSION_DEPTH.max(2 * k);
+                let by_vector = self.search_text(embedder, text, depth).await?;
+                let by_text = self.search_captions(text, depth).await?;
+                let a: Vec<ImageId> = by_vector.iter().map(|h| h.id).collect();
+                let b: Vec<ImageId> = by_text.iter().map(|h| h.id).collect();
+                let mut pool: HashMap<ImageId, SearchHit> =
+                    by_vector.into_iter().chain(by_text).map(|h| (h.id, h)).collect();
+                Ok(reciprocal_rank_fusion(&[&a, &b], RRF_K)
+                    .into_iter()
+                    .take(k)
+                    .filter_map(|(id, score)| pool.remove(&id).map(|h| SearchHit { score, ..h }))
+                    .collect())
+            }
         }
     }
 

@@ -4,21 +4,32 @@
 //! data id, `ids` maps it back to the image, and removed or superseded entries are
 //! tombstones that still route searches but are filtered from results. [`HnswIndex::compact`]
 //! rebuilds the graph from its own live vectors when tombstones pile up.
+//!
+//! hnsw_rs builds and persists the graph; searches walk a [`FlatGraph`] view of it,
+//! made on the first search after the graph changed (see `flat.rs` for why).
 
-use crate::types::{prepare_batch, similarity, unit_query, Filter, Hit, IndexParams, TopK};
+use crate::dot::UnitDot;
+use crate::flat::FlatGraph;
+use crate::types::{prepare_batch, unit_query, Filter, Hit, IndexParams, TopK};
 use crate::{Error, Result};
-use hnsw_rs::prelude::{DistDot, Hnsw, HnswIo};
+use hnsw_rs::prelude::{Hnsw, HnswIo};
 use magpie_core::ImageId;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// hnsw_rs' `Description` dump refuses any other layer count.
 const MAX_LAYERS: usize = 16;
 /// Below this many vectors a batch is inserted on the calling thread.
 const PARALLEL_INSERT: usize = 256;
 
-type Graph<'io> = Hnsw<'io, f32, DistDot>;
+/// A hit's score from a view distance, as the exact index scores it (`1 - UnitDot`).
+fn score(dist: f32) -> f32 {
+    1.0 - dist.max(0.0)
+}
+
+type Graph<'io> = Hnsw<'io, f32, UnitDot>;
 
 self_cell::self_cell!(
     /// The graph together with the `HnswIo` it was reloaded from. `HnswIo::load_hnsw*`
@@ -44,6 +55,10 @@ pub struct HnswIndex {
     live: Vec<bool>,
     /// image id -> its current internal data id
     current: HashMap<ImageId, usize>,
+    /// The search view of `graph`, made on demand; reset whenever `graph` changes. It
+    /// points into `graph`'s points, so it must never outlive it or be moved to another
+    /// graph (it is declared after `graph` only for clarity: it reads nothing on drop).
+    flat: OnceLock<Box<FlatGraph>>,
 }
 
 impl std::fmt::Debug for HnswIndex {
@@ -59,7 +74,7 @@ impl std::fmt::Debug for HnswIndex {
 
 fn new_graph(params: &IndexParams, capacity: usize) -> GraphCell {
     GraphCell::new(HnswIo::default(), |_| {
-        Hnsw::new(params.m, capacity.max(1024), MAX_LAYERS, params.ef_construction, DistDot)
+        Hnsw::new(params.m, capacity.max(1024), MAX_LAYERS, params.ef_construction, UnitDot)
     })
 }
 
@@ -81,6 +96,7 @@ impl HnswIndex {
             ids: Vec::new(),
             live: Vec::new(),
             current: HashMap::new(),
+            flat: OnceLock::new(),
         })
     }
 
@@ -128,6 +144,8 @@ impl HnswIndex {
     }
 
     pub(crate) fn insert_unit(&mut self, batch: Vec<(ImageId, Vec<f32>)>) {
+        // The graph's links are about to change.
+        self.flat = OnceLock::new();
         let first = self.ids.len();
         for (i, (id, _)) in batch.iter().enumerate() {
             if let Some(old) = self.current.insert(*id, first + i) {
@@ -158,13 +176,23 @@ impl HnswIndex {
         }
     }
 
+    /// The search view of the graph, made now if the graph changed since the last one.
+    fn flat(&self) -> &FlatGraph {
+        self.flat.get_or_init(|| {
+            self.graph
+                .with_dependent(|_, g| FlatGraph::new(g, self.points(), self.dim))
+                .map(Box::new)
+                .expect("a graph built here holds each data id once")
+        })
+    }
+
     /// The `k` most similar live vectors passing `filter`, best first. `ef` (default
     /// `params.ef_search`, at least `k`) widens the graph search.
     ///
     /// Tombstones and the filter are applied inside the graph walk, where they still
-    /// route it. hnsw_rs' filtered walk only stops early once it holds `ef` passing
-    /// points, so when it comes back with fewer than `k` it has walked everything it
-    /// could reach; the rest (a graph region cut off by tombstones) is covered by an exact
+    /// route it. The filtered walk only stops early once it holds `ef` passing points,
+    /// so when it comes back with fewer than `k` it has walked everything it could
+    /// reach; the rest (a graph region cut off by tombstones) is covered by an exact
     /// scan. A filter that very few images pass therefore costs about one pass over the
     /// graph: for "these 20 ids" queries, score the ids directly instead.
     pub fn search(&self, query: &[f32], k: usize, ef: Option<usize>, filter: Option<Filter<'_>>) -> Result<Vec<Hit>> {
@@ -173,59 +201,44 @@ impl HnswIndex {
         if k == 0 {
             return Ok(Vec::new());
         }
-        // Defensive: hnsw_rs' filtered walk prunes its result heap to passing points once
-        // it holds `ef` and later unwraps the heap's top; with ef >= 2 at least one of
-        // them passes, with ef == 1 it could be the non-passing entry point alone.
-        let ef = ef.unwrap_or(self.params.ef_search).max(k).max(2);
-        let keep = |d: &usize| self.live[*d] && filter.is_none_or(|f| f(self.ids[*d]));
-        let mut widths = vec![ef];
+        let ef = ef.unwrap_or(self.params.ef_search).max(k);
+        let flat = self.flat();
+        let keep = |d: u32| self.live[d as usize] && filter.is_none_or(|f| f(self.ids[d as usize]));
         let plain = filter.is_none() && self.tombstones() == 0;
+        let mut widths = vec![ef];
         let wider = ef.saturating_mul(8).min(self.points());
         if plain && wider > ef {
+            // Only a graph cut in pieces leaves an unfiltered walk short of `k`.
             widths.push(wider);
         }
         for width in widths {
-            let found = self.graph.with_dependent(|_, g| {
-                if plain {
-                    g.search(&q, k, width)
-                } else {
-                    // Ask for the whole candidate list: hnsw_rs filters only its top `k`.
-                    g.search_filter(&q, width, width, Some(&keep))
-                }
-            });
-            let mut hits: Vec<Hit> = found
-                .iter()
-                .filter(|n| keep(&n.d_id))
-                .map(|n| Hit { id: self.ids[n.d_id], score: 1.0 - n.distance })
-                .collect();
-            if hits.len() >= k {
+            let found = flat.search(&q, k, width, if plain { None } else { Some(&keep) });
+            if found.len() >= k {
+                let mut hits: Vec<Hit> =
+                    found.iter().map(|&(d, dist)| Hit { id: self.ids[d as usize], score: score(dist) }).collect();
                 hits.sort_by(crate::types::best_first);
-                hits.truncate(k);
                 return Ok(hits);
             }
         }
-        Ok(self.scan(&q, k, &keep))
+        Ok(self.scan(flat, &q, k, &keep))
     }
 
     /// Exact scan over the graph's points.
-    fn scan(&self, q: &[f32], k: usize, keep: &(dyn Fn(&usize) -> bool + Sync)) -> Vec<Hit> {
-        self.graph.with_dependent(|_, g| {
-            let points: Vec<_> = g.get_point_indexation().into_iter().collect();
-            points
-                .par_chunks(4096)
-                .map(|chunk| {
-                    let mut top = TopK::new(k);
-                    for p in chunk {
-                        let d = p.get_origin_id();
-                        if keep(&d) {
-                            top.push(Hit { id: self.ids[d], score: similarity(q, p.get_v()) });
-                        }
+    fn scan(&self, flat: &FlatGraph, q: &[f32], k: usize, keep: &(dyn Fn(u32) -> bool + Sync)) -> Vec<Hit> {
+        (0..flat.len() as u32)
+            .into_par_iter()
+            .with_min_len(4096)
+            .fold(
+                || TopK::new(k),
+                |mut top, d| {
+                    if keep(d) {
+                        top.push(Hit { id: self.ids[d as usize], score: crate::types::similarity(q, flat.vector(d)) });
                     }
                     top
-                })
-                .reduce(|| TopK::new(k), TopK::merge)
-                .into_sorted()
-        })
+                },
+            )
+            .reduce(|| TopK::new(k), TopK::merge)
+            .into_sorted()
     }
 
     /// The live (unit) vectors, in no particular order.
@@ -296,7 +309,7 @@ impl HnswIndex {
             // Without mmap (the default options) every vector is copied into the graph.
             let io = HnswIo::new(dir, base);
             let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                GraphCell::try_new(io, |io| io.load_hnsw_with_dist::<f32, DistDot>(DistDot))
+                GraphCell::try_new(io, |io| io.load_hnsw_with_dist::<f32, UnitDot>(UnitDot))
             }));
             match loaded {
                 Ok(Ok(g)) => g,
@@ -315,8 +328,15 @@ impl HnswIndex {
         if points > 0 && graph_dim != dim {
             return Err(fail(format!("graph vectors have dimension {graph_dim}, expected {dim}")));
         }
+        // Made now rather than on the first search: it also checks that every data id is
+        // in the graph once.
+        let flat = OnceLock::new();
+        if points > 0 {
+            let view = graph.with_dependent(|_, g| FlatGraph::new(g, points, dim)).map_err(fail)?;
+            let _ = flat.set(Box::new(view));
+        }
         let current = ids.iter().zip(&live).enumerate().filter(|(_, (_, l))| **l).map(|(d, (id, _))| (*id, d)).collect();
-        Ok(Self { dim, params, graph, ids, live, current })
+        Ok(Self { dim, params, graph, ids, live, current, flat })
     }
 }
 

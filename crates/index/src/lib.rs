@@ -2,9 +2,10 @@
 //!
 //! It owns nearest-neighbour search over image embeddings: [`ExactIndex`] (brute force,
 //! the reference in tests and the index of small libraries), [`HnswIndex`] (an hnsw_rs
-//! graph with dot-product distance on unit vectors, tombstones for removals since
-//! hnsw_rs cannot delete) and [`VectorIndex`], which the engine holds: exact below
-//! [`IndexParams::exact_threshold`] vectors, HNSW above. Scores are cosine similarities.
+//! graph with dot-product distance on unit vectors, searched through a flat copy of its
+//! links, tombstones for removals since hnsw_rs cannot delete) and [`VectorIndex`], which
+//! the engine holds: exact below [`IndexParams::exact_threshold`] vectors, HNSW above.
+//! Scores are cosine similarities.
 //!
 //! An index is saved next to the database with its [`IndexMeta`] (model id, dimension,
 //! parameters, generation) and reloaded only if all of them still match; otherwise
@@ -34,10 +35,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod dot;
 mod error;
 mod exact;
+mod flat;
 mod hnsw;
 mod persist;
+mod text;
 mod types;
 mod vector;
 
@@ -46,4 +50,5 @@ pub use exact::ExactIndex;
 pub use hnsw::HnswIndex;
 pub use persist::{Loaded, SavedIndex, StaleReason};
 pub use types::{Filter, Hit, IndexKind, IndexMeta, IndexParams, IndexSpec};
+pub use text::{path_words, TextDoc, TextError, TextHit, TextIndex, TextLoaded, TextSaved, TextStamp};
 pub use vector::VectorIndex;

@@ -28,7 +28,9 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const FORMAT: u32 = 1;
+/// 2: the graph's distance is `magpie_index::dot::UnitDot` (hnsw_rs reloads a dump only
+/// under the distance type it was written with; 1 used anndists' `DistDot`).
+const FORMAT: u32 = 2;
 const EXACT_MAGIC: &[u8; 8] = b"MGPXACT1";
 const IDS_MAGIC: &[u8; 8] = b"MGPHIDS1";
 

@@ -1,5 +1,6 @@
 use crate::{Error, Result};
-use hnsw_rs::prelude::{DistDot, Distance};
+use crate::dot::UnitDot;
+use hnsw_rs::prelude::Distance;
 use magpie_core::{ImageId, ModelInfo};
 use serde::{Deserialize, Serialize};
 use std::cmp::{Ordering, Reverse};
@@ -163,17 +164,16 @@ impl TopK {
     }
 }
 
-/// Cosine similarity of two unit vectors. Both index kinds score with anndists' SIMD
-/// `DistDot` (1 - dot, clamped at 0), so an image gets the same score whichever kind
-/// holds it; the exact index stays an independent reference for the graph search.
+/// Cosine similarity of two unit vectors: `1 - UnitDot` (the dot product, at most 1). Both
+/// index kinds score with it, so an image gets the same score whichever kind holds it;
+/// the exact index stays an independent reference for the graph search.
 #[inline]
 pub(crate) fn similarity(a: &[f32], b: &[f32]) -> f32 {
-    1.0 - DistDot.eval(a, b)
+    1.0 - UnitDot.eval(a, b)
 }
 
 /// A unit-length copy of `v`, or `None` for a zero or non-finite vector. Everything that
-/// reaches `DistDot` goes through here: it asserts `dot <= 1.000002`, so a vector that is
-/// merely "roughly normalised" could panic inside hnsw_rs.
+/// reaches the graph goes through here: its distance assumes unit vectors.
 pub(crate) fn unit(v: &[f32]) -> Option<Vec<f32>> {
     let mut v = v.to_vec();
     magpie_core::l2_normalize(&mut v).then_some(v)

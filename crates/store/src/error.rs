@@ -48,6 +48,12 @@ pub enum Error {
         source: magpie_core::Error,
     },
 
+    #[error("{db}: no file with id {id}")]
+    NoSuchFile { db: PathBuf, id: i64 },
+
+    #[error("{db}: no conversation with id {id}")]
+    NoSuchConversation { db: PathBuf, id: i64 },
+
     #[error("{db}: corrupt data: {message}")]
     Corrupt { db: PathBuf, message: String },
 }

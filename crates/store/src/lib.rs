@@ -3,7 +3,8 @@
 //! It owns the schema (timestamped SQL files in the workspace's `migrations/`, embedded
 //! with `sqlx::migrate!` and run by [`Store::open`]) and typed repository functions over
 //! it: the library's model and generation counter, roots, file rows with their
-//! metadata and status, embeddings (little-endian f32 BLOBs), and the failure log.
+//! metadata and status, embeddings (little-endian f32 BLOBs), the failure log, captions
+//! (one per file) and chat conversations with their messages.
 //! Derived indexes (HNSW, tantivy) are rebuilt from here; see [`Store::generation`].
 //!
 //! A batch of processed files is committed in one transaction
@@ -44,6 +45,7 @@ mod types;
 pub use error::{Error, Result};
 pub use store::Store;
 pub use types::{
-    Committed, Counts, Exif, FailureRecord, FileRecord, FileState, FileStatus, ImageMeta,
-    LibraryInfo, NewFile, Root, RootId,
+    Caption, Committed, Conversation, ConversationId, Counts, Exif, FailureRecord, FileRecord,
+    FileState, FileStatus, ImageMeta, LibraryInfo, Message, NewFile, Role, Root, RootId,
+    TextSource,
 };

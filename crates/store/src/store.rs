@@ -153,7 +153,7 @@ impl Store {
     /// The library row: model, generation, creation time.
     pub async fn library(&self) -> Result<LibraryInfo> {
         let row: LibraryRow = sqlx::query_as(
-            "SELECT model_id, model_dim, generation, created_at FROM library WHERE id = 1",
+            "SELECT model_id, model_dim, generation, text_generation, created_at FROM library WHERE id = 1",
         )
         .fetch_one(&self.pool)
         .await
@@ -161,6 +161,7 @@ impl Store {
         Ok(LibraryInfo {
             model: row.model(),
             generation: to_u64(row.generation),
+            text_generation: to_u64(row.text_generation),
             created_at: row.created_at,
         })
     }
@@ -355,7 +356,8 @@ impl Store {
     }
 
     /// Commits a batch in one transaction: for each file, inserts or updates (by path)
-    /// its row as `indexed` with its error cleared, and stores its embedding. Every
+    /// its row as `indexed` with its error cleared, and stores its embedding (a caption
+    /// made from other content than the file's new hash is deleted). Every
     /// embedding must match the library's model; if any does not, or anything else
     /// fails, nothing of the batch is committed. Bumps the generation.
     pub async fn commit_batch(&self, files: &[NewFile]) -> Result<Committed> {
@@ -432,6 +434,14 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(self.err())?;
+            // A caption describes the content it was made from: new content drops it
+            // (and `files_needing_caption` offers the file again).
+            sqlx::query("DELETE FROM captions WHERE file_id = ? AND content_hash IS NOT ?")
+                .bind(id)
+                .bind(&file.content_hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err())?;
             ids.push(id);
         }
         let generation = bump(&mut tx).await.map_err(self.err())?;
@@ -722,6 +732,404 @@ impl Store {
     }
 }
 
+// ---- captions ------------------------------------------------------------------------
+
+/// Rows per page when reading what the caption index holds.
+const TEXT_PAGE: u32 = 4096;
+
+impl Store {
+    /// The caption counter: it grows with every caption written. The caption index
+    /// stores it beside [`generation`](Self::generation) (which also covers new and
+    /// changed files) and is stale when either differs; the vector index ignores it.
+    pub async fn text_generation(&self) -> Result<u64> {
+        let g: i64 = sqlx::query_scalar("SELECT text_generation FROM library WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(to_u64(g))
+    }
+
+    /// Writes the caption of file `id` by `model`, replacing any other, and returns the
+    /// new text generation. Fails with [`Error::NoSuchFile`] if there is no such row.
+    pub async fn set_caption(&self, id: ImageId, model: &str, text: &str) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query(concat!(
+            "INSERT INTO captions (file_id, model_id, text, content_hash, created_at) \
+             SELECT id, ?, ?, content_hash, ",
+            now!(),
+            " FROM files WHERE id = ? \
+             ON CONFLICT (file_id) DO UPDATE SET model_id = excluded.model_id, \
+                 text = excluded.text, content_hash = excluded.content_hash, \
+                 created_at = excluded.created_at"
+        ))
+        .bind(model)
+        .bind(text)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err())?
+        .rows_affected();
+        if n == 0 {
+            return Err(Error::NoSuchFile { db: self.path().to_path_buf(), id });
+        }
+        let g = bump_text(&mut tx).await.map_err(self.err())?;
+        tx.commit().await.map_err(self.err())?;
+        Ok(g)
+    }
+
+    /// The caption of one file, whatever the file's status.
+    pub async fn caption(&self, id: ImageId) -> Result<Option<Caption>> {
+        let row: Option<CaptionRow> = sqlx::query_as(
+            "SELECT file_id, model_id, text, created_at FROM captions WHERE file_id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(row.map(Caption::from))
+    }
+
+    /// Caption texts of those of `ids` that have one (for search hits).
+    pub async fn captions_for(&self, ids: &[ImageId]) -> Result<HashMap<ImageId, String>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT file_id, text FROM captions WHERE file_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, (ImageId, String)>(&sql);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            out.extend(query.fetch_all(&self.pool).await.map_err(self.err())?);
+        }
+        Ok(out)
+    }
+
+    /// Every caption of an `indexed` file, by ascending file id.
+    pub async fn all_captions(&self) -> Result<Vec<Caption>> {
+        let rows: Vec<CaptionRow> = sqlx::query_as(
+            "SELECT c.file_id, c.model_id, c.text, c.created_at FROM captions c \
+             JOIN files f ON f.id = c.file_id WHERE f.status = 'indexed' ORDER BY c.file_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(rows.into_iter().map(Caption::from).collect())
+    }
+
+    /// Up to `limit` `indexed` files with id > `after` that have no caption by `model`
+    /// (none at all, or another model's), by ascending id, with their paths. A caption
+    /// run pages through with the last id returned, so a file that fails is not offered
+    /// again in the same run, and a rerun resumes where a stopped one ended.
+    pub async fn files_needing_caption(
+        &self,
+        model: &str,
+        after: ImageId,
+        limit: u32,
+    ) -> Result<Vec<(ImageId, PathBuf)>> {
+        let rows: Vec<(ImageId, Vec<u8>)> = sqlx::query_as(
+            "SELECT f.id, f.path_bytes FROM files f LEFT JOIN captions c ON c.file_id = f.id \
+             WHERE f.status = 'indexed' AND f.id > ? AND (c.file_id IS NULL OR c.model_id != ?) \
+             ORDER BY f.id LIMIT ?",
+        )
+        .bind(after)
+        .bind(model)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, p)| (id, paths::from_bytes(p)))
+            .collect())
+    }
+
+    /// How many `indexed` files have no caption by `model`.
+    pub async fn count_needing_caption(&self, model: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM files f LEFT JOIN captions c ON c.file_id = f.id \
+             WHERE f.status = 'indexed' AND (c.file_id IS NULL OR c.model_id != ?)",
+        )
+        .bind(model)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(to_u64(n))
+    }
+
+    /// How many `indexed` files have a caption (by any model).
+    pub async fn caption_count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM captions c JOIN files f ON f.id = c.file_id \
+             WHERE f.status = 'indexed'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(to_u64(n))
+    }
+
+    /// What the caption index holds for each of `ids` that is `indexed`, by ascending id.
+    pub async fn text_sources(&self, ids: &[ImageId]) -> Result<Vec<TextSource>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT f.id, f.path_bytes, r.path_bytes AS root_bytes, c.text FROM files f \
+                 JOIN roots r ON r.id = f.root_id LEFT JOIN captions c ON c.file_id = f.id \
+                 WHERE f.status = 'indexed' AND f.id IN ({}) ORDER BY f.id",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, TextSourceRow>(&sql);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            out.extend(
+                query
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(self.err())?
+                    .into_iter()
+                    .map(TextSource::from),
+            );
+        }
+        out.sort_by_key(|t| t.id);
+        out.dedup_by_key(|t| t.id);
+        Ok(out)
+    }
+
+    /// What the caption index holds for every `indexed` file, by ascending id, for
+    /// rebuilding it. Read page by page.
+    pub async fn all_text_sources(&self) -> Result<Vec<TextSource>> {
+        let mut all = Vec::new();
+        let mut after = ImageId::MIN;
+        loop {
+            let rows: Vec<TextSourceRow> = sqlx::query_as(
+                "SELECT f.id, f.path_bytes, r.path_bytes AS root_bytes, c.text FROM files f \
+                 JOIN roots r ON r.id = f.root_id LEFT JOIN captions c ON c.file_id = f.id \
+                 WHERE f.status = 'indexed' AND f.id > ? ORDER BY f.id LIMIT ?",
+            )
+            .bind(after)
+            .bind(i64::from(TEXT_PAGE))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+            let full = rows.len() == TEXT_PAGE as usize;
+            let Some(last) = rows.last().map(|r| r.id) else { break };
+            all.extend(rows.into_iter().map(TextSource::from));
+            if !full {
+                break;
+            }
+            after = last;
+        }
+        Ok(all)
+    }
+
+    // ---- conversations -------------------------------------------------------------------
+
+    /// Starts a conversation about file `file_id` with the chat model `model_id`.
+    pub async fn create_conversation(&self, file_id: ImageId, model_id: &str) -> Result<Conversation> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<ConversationRow> = sqlx::query_as(concat!(
+            "INSERT INTO conversations (file_id, model_id, created_at) SELECT id, ?, ",
+            now!(),
+            " FROM files WHERE id = ? RETURNING id, file_id, model_id, title, created_at"
+        ))
+        .bind(model_id)
+        .bind(file_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.err())?;
+        let row = row.ok_or_else(|| Error::NoSuchFile { db: self.path().to_path_buf(), id: file_id })?;
+        tx.commit().await.map_err(self.err())?;
+        Ok(row.into())
+    }
+
+    /// One conversation by id.
+    pub async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
+        let row: Option<ConversationRow> = sqlx::query_as(
+            "SELECT id, file_id, model_id, title, created_at FROM conversations WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(row.map(Conversation::from))
+    }
+
+    /// Conversations, oldest first: all of them, or those about one file.
+    pub async fn conversations(&self, file: Option<ImageId>) -> Result<Vec<Conversation>> {
+        let rows: Vec<ConversationRow> = sqlx::query_as(
+            "SELECT id, file_id, model_id, title, created_at FROM conversations \
+             WHERE ?1 IS NULL OR file_id = ?1 ORDER BY id",
+        )
+        .bind(file)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(rows.into_iter().map(Conversation::from).collect())
+    }
+
+    /// Appends one message. Fails with [`Error::NoSuchConversation`] for an unknown id.
+    pub async fn append_message(&self, conversation: ConversationId, role: Role, text: &str) -> Result<Message> {
+        let mut tx = self.begin_write().await?;
+        let m = insert_message(&mut tx, conversation, role, text)
+            .await
+            .map_err(self.err())?
+            .ok_or_else(|| Error::NoSuchConversation { db: self.path().to_path_buf(), id: conversation })?;
+        tx.commit().await.map_err(self.err())?;
+        m.into_message(self)
+    }
+
+    /// Appends a question and its answer in one transaction (history never holds a
+    /// question without its answer), and titles the conversation with its first question.
+    pub async fn append_exchange(
+        &self,
+        conversation: ConversationId,
+        question: &str,
+        answer: &str,
+    ) -> Result<(Message, Message)> {
+        let mut tx = self.begin_write().await?;
+        let missing = || Error::NoSuchConversation { db: self.path().to_path_buf(), id: conversation };
+        let q = insert_message(&mut tx, conversation, Role::User, question)
+            .await
+            .map_err(self.err())?
+            .ok_or_else(missing)?;
+        let a = insert_message(&mut tx, conversation, Role::Assistant, answer)
+            .await
+            .map_err(self.err())?
+            .ok_or_else(missing)?;
+        sqlx::query("UPDATE conversations SET title = ? WHERE id = ? AND title IS NULL")
+            .bind(question)
+            .bind(conversation)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err())?;
+        tx.commit().await.map_err(self.err())?;
+        Ok((q.into_message(self)?, a.into_message(self)?))
+    }
+
+    /// The messages of a conversation, in order.
+    pub async fn messages(&self, conversation: ConversationId) -> Result<Vec<Message>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT id, conversation_id, role, text, at FROM messages WHERE conversation_id = ? ORDER BY id",
+        )
+        .bind(conversation)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err())?;
+        rows.into_iter().map(|r| r.into_message(self)).collect()
+    }
+
+    /// Deletes a conversation and its messages; false if there was none.
+    pub async fn delete_conversation(&self, id: ConversationId) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM conversations WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(self.err())?
+            .rows_affected();
+        Ok(n > 0)
+    }
+}
+
+#[derive(FromRow)]
+struct CaptionRow {
+    file_id: ImageId,
+    model_id: String,
+    text: String,
+    created_at: String,
+}
+
+impl From<CaptionRow> for Caption {
+    fn from(r: CaptionRow) -> Caption {
+        Caption { file_id: r.file_id, model_id: r.model_id, text: r.text, created_at: r.created_at }
+    }
+}
+
+#[derive(FromRow)]
+struct TextSourceRow {
+    id: ImageId,
+    path_bytes: Vec<u8>,
+    root_bytes: Vec<u8>,
+    text: Option<String>,
+}
+
+impl From<TextSourceRow> for TextSource {
+    fn from(r: TextSourceRow) -> TextSource {
+        TextSource {
+            id: r.id,
+            path: paths::from_bytes(r.path_bytes),
+            root: paths::from_bytes(r.root_bytes),
+            caption: r.text,
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct ConversationRow {
+    id: ConversationId,
+    file_id: ImageId,
+    model_id: String,
+    title: Option<String>,
+    created_at: String,
+}
+
+impl From<ConversationRow> for Conversation {
+    fn from(r: ConversationRow) -> Conversation {
+        Conversation { id: r.id, file_id: r.file_id, model_id: r.model_id, title: r.title, created_at: r.created_at }
+    }
+}
+
+#[derive(FromRow)]
+struct MessageRow {
+    id: i64,
+    conversation_id: ConversationId,
+    role: String,
+    text: String,
+    at: String,
+}
+
+impl MessageRow {
+    fn into_message(self, store: &Store) -> Result<Message> {
+        Ok(Message {
+            id: self.id,
+            conversation_id: self.conversation_id,
+            role: self.role.parse().map_err(|e: String| store.corrupt(e))?,
+            text: self.text,
+            at: self.at,
+        })
+    }
+}
+
+/// Inserts a message; `None` if the conversation does not exist.
+async fn insert_message(
+    tx: &mut Transaction<'static, Sqlite>,
+    conversation: ConversationId,
+    role: Role,
+    text: &str,
+) -> sqlx::Result<Option<MessageRow>> {
+    sqlx::query_as(concat!(
+        "INSERT INTO messages (conversation_id, role, text, at) SELECT id, ?, ?, ",
+        now!(),
+        " FROM conversations WHERE id = ? RETURNING id, conversation_id, role, text, at"
+    ))
+    .bind(role.as_str())
+    .bind(text)
+    .bind(conversation)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+async fn bump_text(tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<u64> {
+    let g: i64 = sqlx::query_scalar(
+        "UPDATE library SET text_generation = text_generation + 1 WHERE id = 1 RETURNING text_generation",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(to_u64(g))
+}
+
 // ---- rows and helpers ---------------------------------------------------------------
 
 #[derive(FromRow)]
@@ -729,6 +1137,7 @@ struct LibraryRow {
     model_id: Option<String>,
     model_dim: Option<i64>,
     generation: i64,
+    text_generation: i64,
     created_at: String,
 }
 
@@ -842,7 +1251,7 @@ fn parse_status(store: &Store, s: &str) -> Result<FileStatus> {
 
 async fn read_model(tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<Option<ModelInfo>> {
     let row: LibraryRow = sqlx::query_as(
-        "SELECT model_id, model_dim, generation, created_at FROM library WHERE id = 1",
+        "SELECT model_id, model_dim, generation, text_generation, created_at FROM library WHERE id = 1",
     )
     .fetch_one(&mut **tx)
     .await?;

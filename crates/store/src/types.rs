@@ -141,6 +141,8 @@ pub struct LibraryInfo {
     /// `None` until the first model is recorded.
     pub model: Option<ModelInfo>,
     pub generation: u64,
+    /// Grows with every caption written (see [`Store::text_generation`](crate::Store::text_generation)).
+    pub text_generation: u64,
     pub created_at: String,
 }
 
@@ -168,4 +170,83 @@ impl Counts {
     pub fn live(&self) -> u64 {
         self.indexed + self.failed + self.pending
     }
+}
+
+/// The caption of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Caption {
+    pub file_id: ImageId,
+    /// The captioning model that wrote it.
+    pub model_id: String,
+    pub text: String,
+    pub created_at: String,
+}
+
+/// What the caption (text) index holds for one indexed file: its path, the root it was
+/// found under (path words are taken relative to the root's parent) and its caption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextSource {
+    pub id: ImageId,
+    pub path: PathBuf,
+    pub root: PathBuf,
+    pub caption: Option<String>,
+}
+
+/// Primary key of a conversation.
+pub type ConversationId = i64;
+
+/// A chat about one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conversation {
+    pub id: ConversationId,
+    pub file_id: ImageId,
+    /// The chat model it was started with.
+    pub model_id: String,
+    /// The first question, once asked.
+    pub title: Option<String>,
+    pub created_at: String,
+}
+
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "user" => Ok(Role::User),
+            "assistant" => Ok(Role::Assistant),
+            other => Err(format!("unknown message role `{other}`")),
+        }
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub id: i64,
+    pub conversation_id: ConversationId,
+    pub role: Role,
+    pub text: String,
+    pub at: String,
 }
