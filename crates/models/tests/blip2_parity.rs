@@ -543,3 +543,25 @@ fn bad_config_names_the_file_and_field() {
     let e = load_err(&dir);
     assert!(e.contains("preprocessor_config.json") && e.contains("image_size"), "{e}");
 }
+
+/// A chat history longer than the model's positions is cut from the front instead of
+/// failing, leaving room for the answer.
+#[test]
+fn overlong_prompts_keep_their_end() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/blip2/tiny-a");
+    let m = magpie_models::Blip2::from_dir(
+        &magpie_models::loader::ModelDir { id: dir.display().to_string(), dir: dir.clone() },
+        magpie_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let img = magpie_media::decode_file(dir.join("../../photos/horse.png"), &Default::default()).unwrap().image;
+    let opts = magpie_models::blip2::generation::GenerateOptions { max_new_tokens: 5, ..Default::default() };
+    let long = "Question: what is it? Answer: a horse. ".repeat(40) + "Question: where? Answer:";
+    let ids = m.prompt_ids(Some(&long)).unwrap();
+    assert!(ids.len() > m.config().text_config.max_position_embeddings, "the prompt must overflow");
+    // Before the cut this failed with "the prompt has N tokens, the model at most M".
+    let mut pieces = 0;
+    m.answer(&img, &long, &opts, &mut |_, _| pieces += 1).unwrap();
+    assert_eq!(pieces, 5, "all max_new_tokens were generated");
+}

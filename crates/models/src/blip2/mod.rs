@@ -272,7 +272,17 @@ impl Blip2 {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(u32, &str),
     ) -> Result<String> {
-        let ids = self.prompt_ids(prompt)?;
+        let mut ids = self.prompt_ids(prompt)?;
+        // A long chat history must not end the conversation: keep the image tokens and
+        // BOS, drop the oldest text so that the prompt and some answer fit the positions.
+        let max_pos = self.config.text_config.max_position_embeddings;
+        let fixed = self.model.num_query_tokens() + 1;
+        let room = opts.max_new_tokens.clamp(1, (max_pos / 4).max(1));
+        if ids.len() + room > max_pos + 1 && ids.len() > fixed {
+            let keep = (max_pos + 1).saturating_sub(room + fixed).min(ids.len() - fixed);
+            tracing::debug!("prompt of {} tokens cut to its last {keep} text tokens", ids.len());
+            ids.drain(fixed..ids.len() - keep);
+        }
         let mut stream = TextStream::new(&self.tokenizer);
         let mut err = None;
         let out = self.generate_inner(pixel_values, &ids, opts, &mut |t, last| match stream.push(t, last) {
