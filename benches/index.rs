@@ -180,23 +180,29 @@ fn main() {
     let magpie_build = train.len() as f64 / build_s;
     eprintln!("magpie build: {build_s:.1} s ({magpie_build:.0} vectors/s, {threads} threads)");
 
-    let mut magpie = Vec::new();
-    for &ef in &efs {
+    let run = |ef: usize, filter: Option<magpie_index::Filter<'_>>| {
         let mut found = Vec::new();
         let (mut best, mut passes, start) = (f64::INFINITY, 0, Instant::now());
         while passes < MIN_PASSES || start.elapsed() < MIN_TIME {
             let t = thread_time();
             found = queries
                 .iter()
-                .map(|q| hnsw.search(q, K, Some(ef), None).unwrap().iter().map(|h| h.id as u32).collect())
+                .map(|q| hnsw.search(q, K, Some(ef), filter).unwrap().iter().map(|h| h.id as u32).collect())
                 .collect();
             best = best.min(thread_time() - t);
             passes += 1;
         }
-        let p = Point { ef, recall: recall(&found, &truth), qps: queries.len() as f64 / best };
+        Point { ef, recall: recall(&found, &truth), qps: queries.len() as f64 / best }
+    };
+    let mut magpie = Vec::new();
+    for &ef in &efs {
+        let p = run(ef, None);
         eprintln!("magpie ef={ef}: recall@{K} {:.4}, {:.0} q/s", p.recall, p.qps);
         magpie.push(p);
     }
+    // The engine always searches with a filter (it leaves out the query image itself).
+    let engine_ef = IndexParams::default().ef_search;
+    let filtered = run(engine_ef, Some(&|id| id != -1));
     drop(hnsw);
 
     // hnswlib on the same files, truth, threads and ef list.
@@ -263,6 +269,14 @@ fn main() {
             h.map(|h| format!("{:.4}", h.0)).unwrap_or("-".into()),
             h.map(|h| format!("{:.0}", h.1)).unwrap_or("-".into()),
             at.map(|q| format!("{:.2}x (of {q:.0})", p.qps / q)).unwrap_or("- (out of range)".into()),
+        );
+    }
+    if let Some(p) = magpie.iter().find(|p| p.ef == engine_ef) {
+        println!(
+            "magpie with a filter (the engine's path), ef={engine_ef}: recall {:.4}, {:.0} q/s ({:.2}x unfiltered)",
+            filtered.recall,
+            filtered.qps,
+            filtered.qps / p.qps
         );
     }
     if let Some(w) = worst {
