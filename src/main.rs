@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use magpie_core::{Captioner, Device, GenerationOptions, ImageEmbedder, ImageId, TextEmbedder, VisualChat};
 use magpie_engine::{CaptionOptions, CaptionReport, IndexOptions, Library, LibraryConfig, SearchHit, SearchMode};
+use magpie_models::blip2::Precision;
 use magpie_models::{Blip2, Clip};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,11 @@ struct Global {
     /// Captioning and chat model (BLIP-2): a local Hugging Face directory or a hub id.
     #[arg(long, global = true, env = "MAGPIE_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL, value_name = "DIR|ID")]
     caption_model: String,
+    /// How BLIP-2 is held and computed: auto (q8_0 on a CPU, f16 on a GPU), f32, f16,
+    /// bf16, or the language model quantized to q8_0, q6_k, q5_k or q4_k (smaller and
+    /// faster, slightly different text; see the README).
+    #[arg(long, global = true, env = "MAGPIE_CAPTION_PRECISION", default_value = "auto", value_name = "PRECISION", value_parser = parse_precision)]
+    caption_precision: PrecisionArg,
     /// Where models run: auto, cpu, cuda or cuda:N.
     #[arg(long, global = true, env = "MAGPIE_DEVICE", default_value = "auto")]
     device: Device,
@@ -171,8 +177,9 @@ fn load_model(g: &Global) -> Result<Arc<Clip>> {
 // The captioning and chat models come in through this seam only: the rest of the binary
 // (and the engine) sees the `Captioner` and `VisualChat` traits.
 fn load_blip2(g: &Global) -> Result<Arc<Blip2>> {
-    let m = Blip2::load(&g.caption_model, g.device).with_context(|| format!("loading captioning model {}", g.caption_model))?;
-    tracing::info!(model = %Captioner::model(&m).id, "captioning model loaded");
+    let m = Blip2::load_with(&g.caption_model, g.device, g.caption_precision.0)
+        .with_context(|| format!("loading captioning model {}", g.caption_model))?;
+    tracing::info!(model = %Captioner::model(&m).id, precision = %m.precision(), "captioning model loaded");
     Ok(Arc::new(m))
 }
 
@@ -556,6 +563,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--caption-precision`: `auto` (`None`) lets the device decide.
+#[derive(Clone, Copy, Debug)]
+struct PrecisionArg(Option<Precision>);
+
+fn parse_precision(s: &str) -> Result<PrecisionArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(PrecisionArg(None))
+    } else {
+        s.parse().map(|p| PrecisionArg(Some(p)))
+    }
 }
 
 fn describe_device(d: Device) -> String {

@@ -108,6 +108,11 @@ fn index_with_captions_then_search_caption_ask_and_chat() {
     let one = json(data.path(), &["caption", &wedding_id.to_string(), "--max-new-tokens", "6"]);
     assert_eq!(one["stored"], true);
     assert_eq!(one["caption"].as_str(), Some(stored_caption.as_str()));
+    // Precision is a flag: f32 and the default (q8_0 on a CPU) both caption the image.
+    for p in ["f32", "q8_0", "f16"] {
+        let c = json(data.path(), &["caption", &wedding_id.to_string(), "--max-new-tokens", "6", "--caption-precision", p]);
+        assert!(!c["caption"].as_str().unwrap().is_empty(), "{p}: {c}");
+    }
     // A file outside the library is captioned but not stored.
     let outside = root().join("tests/fixtures/photos/moon.png");
     let o = json(data.path(), &["caption", outside.to_str().unwrap(), "--max-new-tokens", "3"]);
@@ -161,6 +166,11 @@ fn caption_and_chat_errors_are_clear() {
     let out = run(data.path(), &["caption", "--all", "--caption-model", "/nonexistent/blip"], None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loading captioning model /nonexistent/blip"));
+    // A bad precision is refused by name, with the accepted values.
+    let out = run(data.path(), &["caption", "--all", "--caption-precision", "q3"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--caption-precision") && err.contains("q8_0"), "{err}");
     // PATH|ID is required unless --all / --resume.
     assert!(!run(data.path(), &["caption"], None).status.success());
     assert!(!run(data.path(), &["chat"], None).status.success());

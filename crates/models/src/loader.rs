@@ -272,6 +272,33 @@ impl CheckedWeights {
     }
 }
 
+/// Drops the mapped file pages of a tensor that has been copied out, so that loading a
+/// checkpoint does not hold the whole file resident next to the converted weights (a
+/// 15.5 GB f32 BLIP-2 loaded in f16 would otherwise peak at 23 GB). The mapping is
+/// read-only and the file is not modified, so a later read of these pages re-faults the
+/// same bytes from the page cache or the disk.
+fn release_pages(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let start = data.as_ptr() as usize;
+        // Only whole pages inside the tensor: its neighbours stay mapped in.
+        let first = start.div_ceil(page) * page;
+        let end = (start + data.len()) / page * page;
+        if end > first {
+            // SAFETY: [first, end) lies inside the read-only file mapping `data` borrows
+            // from; MADV_DONTNEED on a file-backed mapping only discards this process's
+            // page-table entries.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data;
+}
+
 impl SimpleBackend for CheckedWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
@@ -284,6 +311,7 @@ impl SimpleBackend for CheckedWeights {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let view = self.inner.get(name).map_err(|_| candle_core::Error::Msg(format!("missing tensor `{name}`")))?;
         let t = candle_core::safetensors::Load::load(&view, dev)?.to_dtype(dtype)?;
+        release_pages(view.data());
         self.used.lock().expect("poisoned").insert(name.to_string());
         Ok(t)
     }

@@ -2,15 +2,24 @@
 //! that normalises in f32 whatever the weights' dtype, and scaled-dot-product attention
 //! with an f32 softmax.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// A linear layer whose weight is kept transposed (`in × out`, contiguous), which is what
-/// gemm is fastest with for small batches.
+/// A linear layer. Dense weights are kept transposed (`in × out`, contiguous), which is
+/// what gemm is fastest with for small batches; a quantized weight (ggml blocks, candle's
+/// `QMatMul`) keeps PyTorch's `out × in` rows and takes f32 activations.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    wt: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+    out_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(QMatMul),
 }
 
 impl Linear {
@@ -22,31 +31,70 @@ impl Linear {
 
     /// From a PyTorch-layout (`out × in`) weight.
     pub(crate) fn from_weight(w: &Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { wt: w.t()?.contiguous()?, bias })
+        let out_dim = w.dim(0)?;
+        Ok(Self { weight: Weight::Dense(w.t()?.contiguous()?), bias, out_dim })
     }
 
-    /// Several linears with the same input fused into one (outputs concatenated).
+    /// Several linears with the same input fused into one (outputs concatenated). All must
+    /// be dense (fuse first, quantize after).
     pub(crate) fn fused(parts: Vec<Linear>) -> Result<Self> {
-        let wt = Tensor::cat(&parts.iter().map(|l| &l.wt).collect::<Vec<_>>(), 1)?;
+        let mut wts = Vec::with_capacity(parts.len());
+        for p in &parts {
+            match &p.weight {
+                Weight::Dense(wt) => wts.push(wt),
+                Weight::Quantized(_) => candle_core::bail!("cannot fuse quantized linear layers"),
+            }
+        }
+        let wt = Tensor::cat(&wts, 1)?;
         let bias = match parts.iter().map(|l| l.bias.as_ref()).collect::<Option<Vec<_>>>() {
             Some(bs) => Some(Tensor::cat(&bs, 0)?),
             None => None,
         };
-        Ok(Self { wt, bias })
+        let out_dim = wt.dim(1)?;
+        Ok(Self { weight: Weight::Dense(wt), bias, out_dim })
     }
+
+    /// The same layer with its weight quantized to `dtype` (see `from_weight_quantized`).
+    pub(crate) fn quantized(self, dtype: GgmlDType) -> Result<Self> {
+        match &self.weight {
+            Weight::Dense(wt) => Self::from_weight_quantized(&wt.t()?, self.bias.clone(), dtype),
+            Weight::Quantized(_) => Ok(self),
+        }
+    }
+
+    /// From a PyTorch-layout (`out × in`) weight, quantized to `dtype`; the bias is kept in
+    /// f32. A layer whose input width is not a multiple of the format's block size (32 for
+    /// `q8_0`, 256 for the k-quants) stays dense, in f32.
+    pub(crate) fn from_weight_quantized(w: &Tensor, bias: Option<Tensor>, dtype: GgmlDType) -> Result<Self> {
+        let out_dim = w.dim(0)?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let weight = if w.dim(1)? % dtype.block_size() != 0 {
+            Weight::Dense(w.t()?.to_dtype(DType::F32)?.contiguous()?)
+        } else {
+            let w = w.to_dtype(DType::F32)?.contiguous()?;
+            Weight::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?)
+        };
+        Ok(Self { weight, bias, out_dim })
+    }
+
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let (rows, k) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-        let y = x.reshape((rows, k))?.matmul(&self.wt)?;
+        let x2 = x.reshape((rows, k))?;
+        let y = match &self.weight {
+            Weight::Dense(wt) => x2.matmul(wt)?,
+            Weight::Quantized(q) => q.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
+        let y = if y.dtype() == x.dtype() { y } else { y.to_dtype(x.dtype())? };
         let mut out = dims.to_vec();
-        *out.last_mut().expect("non-empty") = self.wt.dim(1)?;
+        *out.last_mut().expect("non-empty") = self.out_dim;
         y.reshape(out)
     }
 }
@@ -132,6 +180,52 @@ mod tests {
                 assert!((p - q).abs() < 2e-2, "{p} vs {q}");
             }
         }
+    }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        d / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    }
+
+    #[test]
+    fn quantized_linear_matches_dense() {
+        let dev = Device::Cpu;
+        // Deterministic, varied weights (out × in) and inputs (3 rows).
+        let wave = |n: usize, f: f32| {
+            Tensor::arange(0f32, n as f32, &dev).unwrap().affine(f as f64, 0.3).unwrap().sin().unwrap()
+        };
+        // Error of each output relative to ‖x_i‖·‖w_j‖, the scale of a dot product
+        // (outputs near zero by cancellation make ‖yq − y‖/‖y‖ meaningless).
+        for (k, q, tol) in [(512, GgmlDType::Q8_0, 2e-3), (512, GgmlDType::Q6K, 5e-3), (512, GgmlDType::Q4K, 2e-2)] {
+            let w = wave(96 * k, 0.731).reshape((96, k)).unwrap();
+            let x = wave(3 * k, 0.173).reshape((3, k)).unwrap();
+            let dense = Linear::from_weight(&w, None).unwrap();
+            let quant = dense.clone().quantized(q).unwrap();
+            assert!(matches!(quant.weight, Weight::Quantized(_)), "{q:?}");
+            let (yd, yq) = (dense.forward(&x).unwrap(), quant.forward(&x).unwrap());
+            assert_eq!(yq.dims(), &[3, 96]);
+            let xn = x.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().unsqueeze(1).unwrap();
+            let wn = w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().unsqueeze(0).unwrap();
+            let scale = xn.broadcast_mul(&wn).unwrap();
+            let e = ((&yq - &yd).unwrap().abs().unwrap() / scale).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(e > 0.0 && e < tol, "{q:?}: error {e}");
+            // The bias is added after the product.
+            let b = wave(96, 1.7);
+            let with_bias = Linear::from_weight(&w, Some(b.clone())).unwrap().quantized(q).unwrap();
+            let yb = with_bias.forward(&x).unwrap();
+            assert!(rel_err(&yb.broadcast_sub(&b.unsqueeze(0).unwrap()).unwrap(), &yq) < 1e-6);
+        }
+        // An input width that is not a multiple of the block stays dense and exact.
+        let w = wave(8 * 48, 0.9).reshape((8, 48)).unwrap();
+        let x = wave(2 * 48, 0.2).reshape((2, 48)).unwrap();
+        let dense = Linear::from_weight(&w, None).unwrap();
+        let kept = dense.clone().quantized(GgmlDType::Q8_0).unwrap();
+        assert!(matches!(kept.weight, Weight::Dense(_)));
+        assert_eq!(rel_err(&kept.forward(&x).unwrap(), &dense.forward(&x).unwrap()), 0.0);
+        // Quantized layers cannot be fused (fusing comes first).
+        let w = wave(8 * 64, 0.9).reshape((8, 64)).unwrap();
+        let q = Linear::from_weight(&w, None).unwrap().quantized(GgmlDType::Q8_0).unwrap();
+        assert!(Linear::fused(vec![q.clone(), q]).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! model logits, greedy / beam / repetition-penalty generation, and strict loading.
 
 use candle_core::{DType, Device, Tensor};
-use magpie_models::blip2::{EarlyStopping, GenerateOptions};
+use magpie_models::blip2::{EarlyStopping, GenerateOptions, Precision};
 use magpie_models::loader::ModelDir;
 use magpie_models::Blip2;
 use std::collections::HashMap;
@@ -344,6 +344,47 @@ fn half_precision_stays_close() {
             )
             .unwrap();
         assert_eq!(out.len(), 20);
+    }
+}
+
+#[test]
+fn quantized_language_model_stays_close() {
+    // q8_0 quantizes tiny-a's whole decoder (widths 64 and 128 are multiples of its block
+    // of 32) and part of tiny-b's (only fc2, whose input is 96 wide; 48-wide inputs stay
+    // f32). The k-quants' blocks of 256 fit no layer of either: they load as f32.
+    for (name, precision, lo, hi) in [
+        // The fixtures' sharp attention amplifies rounding (f16 weights give 0.037 on
+        // tiny-a); measured q8_0: ≤ 2.8e-2 on tiny-a, ≤ 5.1e-3 on tiny-b.
+        ("tiny-a", Precision::Q8_0, 1e-5, 0.06),
+        ("tiny-b", Precision::Q8_0, 1e-5, 0.06),
+        ("tiny-a", Precision::Q4K, 0.0, TOL),
+    ] {
+        let blip = Blip2::from_dir_with(&model_dir(name), magpie_core::Device::Cpu, precision).unwrap();
+        assert_eq!(blip.precision(), precision);
+        let f = load(name);
+        for (i, case) in cases(&f).iter().enumerate().take(3) {
+            let photo = case["photo"].as_u64().unwrap() as usize;
+            let input_ids = ids(&case["input_ids"]);
+            let logits = blip.first_step_logits(&pixels(&f, photo), &input_ids).unwrap();
+            let reference = f.t["first_step_logits"].get(i).unwrap();
+            let e = rel(&logits.get(input_ids.len() - 1).unwrap(), &reference);
+            println!("{name} {precision} case {}: first-step logits relative error {e:.1e}", case["name"]);
+            assert!(e >= lo && e <= hi, "{name} {precision}: {e} not in [{lo}, {hi}]");
+        }
+        // Generation runs through the same layers, cache included.
+        let case = &cases(&f)[0];
+        let out = blip
+            .generate_ids(
+                &pixels(&f, case["photo"].as_u64().unwrap() as usize),
+                &ids(&case["input_ids"]),
+                &GenerateOptions { max_new_tokens: 12, min_new_tokens: 12, ..Default::default() },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(out.len(), 12);
+        if precision == Precision::Q4K {
+            assert_eq!(out, ids(&case["greedy_new_tokens"])[..12], "{name}: unquantized layers must match f32");
+        }
     }
 }
 

@@ -14,12 +14,14 @@ pub mod config;
 pub mod generation;
 pub mod model;
 pub mod opt;
+pub mod precision;
 pub mod qformer;
 pub mod vision;
 
 pub use config::Blip2Config;
 pub use generation::{EarlyStopping, GenerateOptions};
 pub use model::Blip2ForConditionalGeneration;
+pub use precision::Precision;
 
 use crate::loader::{self, parse_json, read_json, CheckedWeights, ModelDir};
 use crate::preprocess::ProcessorConfig;
@@ -61,26 +63,47 @@ pub struct Blip2 {
     device: candle_core::Device,
     id: String,
     info: magpie_core::ModelInfo,
+    precision: Precision,
 }
 
 impl Blip2 {
     /// Loads `model` (a local directory or a hub id such as `Salesforce/blip2-opt-2.7b`)
     /// onto `device` in f32.
     pub fn load(model: &str, device: magpie_core::Device) -> Result<Self> {
+        Self::load_with(model, device, Some(Precision::F32))
+    }
+
+    /// Loads `model` onto `device` in `precision` (`None`: [`Precision::default_for`] the
+    /// device).
+    pub fn load_with(model: &str, device: magpie_core::Device, precision: Option<Precision>) -> Result<Self> {
         let dir = loader::resolve(model, &REQUIRED_FILES, &["generation_config.json"])?;
-        Self::from_dir(&dir, device, DType::F32)
+        let precision = match precision {
+            Some(p) => p,
+            None => Precision::default_for(&crate::select_device(device)?),
+        };
+        Self::from_dir_with(&dir, device, precision)
     }
 
     /// Loads a checkpoint directory with the vision encoder, projection and language model
     /// in `dtype` (f32, f16 or bf16); the Q-Former and its queries stay in f32, as in
     /// transformers. Every tensor of the files must be used and every expected one found.
     pub fn from_dir(dir: &ModelDir, device: magpie_core::Device, dtype: DType) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Config {
-                path: dir.file("config.json"),
-                message: format!("dtype {dtype:?} is not supported (f32, f16, bf16)"),
-            });
-        }
+        let precision = match dtype {
+            DType::F32 => Precision::F32,
+            DType::F16 => Precision::F16,
+            DType::BF16 => Precision::BF16,
+            _ => {
+                return Err(Error::Config {
+                    path: dir.file("config.json"),
+                    message: format!("dtype {dtype:?} is not supported (f32, f16, bf16)"),
+                })
+            }
+        };
+        Self::from_dir_with(dir, device, precision)
+    }
+
+    /// Loads a checkpoint directory in `precision` (see [`Precision`]).
+    pub fn from_dir_with(dir: &ModelDir, device: magpie_core::Device, precision: Precision) -> Result<Self> {
         let device = crate::select_device(device)?;
         let config_path = dir.file("config.json");
         let config: Blip2Config = parse_json(&config_path, read_json(&config_path)?)?;
@@ -113,16 +136,22 @@ impl Blip2 {
             }
         };
         let weights = CheckedWeights::open(&dir.weight_files()?)?;
-        let model = Blip2ForConditionalGeneration::new(
+        let model = Blip2ForConditionalGeneration::new_mixed(
             &config,
             image_token_index,
-            weights.var_builder(dtype, &device),
+            weights.var_builder(precision.vision_dtype(), &device),
+            weights.var_builder(precision.language_dtype(), &device),
             weights.var_builder(DType::F32, &device),
+            precision.quantization(),
         )
         .map_err(|e| weights.wrap(e))?;
         weights.ensure_all_used(&|n| n.ends_with("position_ids"))?;
         let info = magpie_core::ModelInfo { id: loader::model_id(dir), dim: 0 };
-        Ok(Self { model, config, tokenizer, processor, device, id: dir.id.clone(), info })
+        Ok(Self { model, config, tokenizer, processor, device, id: dir.id.clone(), info, precision })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The model id as given (hub id or directory).

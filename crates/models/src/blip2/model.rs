@@ -9,6 +9,7 @@ use super::opt::{KvCache, OptForCausalLM};
 use super::qformer::QFormerModel;
 use super::vision::VisionModel;
 use crate::nn::Linear;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -22,16 +23,32 @@ pub struct Blip2ForConditionalGeneration {
     pub language_model: OptForCausalLM,
     image_token_index: u32,
     num_query_tokens: usize,
-    dtype: DType,
+    vision_dtype: DType,
+    language_dtype: DType,
 }
 
 impl Blip2ForConditionalGeneration {
     /// `vb` in the model's dtype; `vb_f32` over the same weights in f32, for the query tokens
     /// and the Q-Former, which transformers keeps in f32 (`_keep_in_fp32_modules`).
     pub fn new(c: &Blip2Config, image_token_index: u32, vb: VarBuilder, vb_f32: VarBuilder) -> Result<Self> {
+        Self::new_mixed(c, image_token_index, vb.clone(), vb, vb_f32, None)
+    }
+
+    /// The vision encoder from `vb_vision`, the projection and language model from
+    /// `vb_language` (quantized to `quant` if given; then `vb_language` should be f32),
+    /// the queries and Q-Former from `vb_f32` — three views of the same weights.
+    pub fn new_mixed(
+        c: &Blip2Config,
+        image_token_index: u32,
+        vb_vision: VarBuilder,
+        vb_language: VarBuilder,
+        vb_f32: VarBuilder,
+        quant: Option<GgmlDType>,
+    ) -> Result<Self> {
         let q = &c.qformer_config;
+        let vb = vb_language;
         Ok(Self {
-            vision_model: VisionModel::new(&c.vision_config, vb.pp("vision_model"))?,
+            vision_model: VisionModel::new(&c.vision_config, vb_vision.pp("vision_model"))?,
             query_tokens: vb_f32.get((1, c.num_query_tokens, q.hidden_size), "query_tokens")?,
             qformer: QFormerModel::new(q, vb_f32.pp("qformer"))?,
             language_projection: Linear::new(
@@ -40,15 +57,21 @@ impl Blip2ForConditionalGeneration {
                 true,
                 vb.pp("language_projection"),
             )?,
-            language_model: OptForCausalLM::new(&c.text_config, vb.pp("language_model"))?,
+            language_model: OptForCausalLM::new(&c.text_config, vb.pp("language_model"), quant)?,
             image_token_index,
             num_query_tokens: c.num_query_tokens,
-            dtype: vb.dtype(),
+            vision_dtype: vb_vision.dtype(),
+            language_dtype: vb.dtype(),
         })
     }
 
+    /// The language model's dtype (its activations when quantized).
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.language_dtype
+    }
+
+    pub fn vision_dtype(&self) -> DType {
+        self.vision_dtype
     }
 
     pub fn image_token_index(&self) -> u32 {
@@ -59,9 +82,9 @@ impl Blip2ForConditionalGeneration {
         self.num_query_tokens
     }
 
-    /// The vision encoder's `last_hidden_state` (batch, 1 + patches, hidden) in the model dtype.
+    /// The vision encoder's `last_hidden_state` (batch, 1 + patches, hidden) in the vision dtype.
     pub fn vision_forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision_model.forward(&pixel_values.to_dtype(self.dtype)?)
+        self.vision_model.forward(&pixel_values.to_dtype(self.vision_dtype)?)
     }
 
     /// The Q-Former's `last_hidden_state` (batch, queries, hidden) in f32.
@@ -74,7 +97,7 @@ impl Blip2ForConditionalGeneration {
     /// `language_projection` of the query outputs, in the model dtype: the inputs the
     /// language model sees in place of the image tokens.
     pub fn project(&self, query_output: &Tensor) -> Result<Tensor> {
-        self.language_projection.forward(&query_output.to_dtype(self.dtype)?)
+        self.language_projection.forward(&query_output.to_dtype(self.language_dtype)?)
     }
 
     /// Image features for the language model (batch, queries, text hidden).
@@ -107,7 +130,7 @@ impl Blip2ForConditionalGeneration {
             }
             start = end;
         }
-        Tensor::cat(&parts, 0)?.to_dtype(self.dtype)?.unsqueeze(0)
+        Tensor::cat(&parts, 0)?.to_dtype(self.language_dtype)?.unsqueeze(0)
     }
 
     /// Runs the prompt (`input_ids` with the image tokens, and the image features of one
@@ -275,6 +298,7 @@ mod tests {
         let lm = &OptForCausalLM::new(
             &c,
             candle_nn::VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu),
+            None,
         )
         .unwrap();
         let step = |t: u32, cache: &mut KvCache| {

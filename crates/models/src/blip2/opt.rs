@@ -6,6 +6,7 @@
 use super::config::OptConfig;
 use crate::clip::config::Activation;
 use crate::nn::{attention, LayerNorm, Linear};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -106,13 +107,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &OptConfig, vb: VarBuilder, quant: Option<GgmlDType>) -> Result<Self> {
         let h = c.hidden_size;
         let lin = |n: &str| Linear::new(h, h, c.enable_bias, vb.pp(n));
         let head_dim = h / c.num_attention_heads;
         Ok(Self {
-            qkv: Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?,
-            out_proj: lin("out_proj")?,
+            qkv: maybe_quantize(Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?, quant)?,
+            out_proj: maybe_quantize(lin("out_proj")?, quant)?,
             heads: c.num_attention_heads,
             head_dim,
             scaling: (head_dim as f64).powf(-0.5),
@@ -149,13 +150,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &OptConfig, vb: VarBuilder, quant: Option<GgmlDType>) -> Result<Self> {
         let h = c.hidden_size;
         Ok(Self {
-            self_attn: Attention::new(c, vb.pp("self_attn"))?,
+            self_attn: Attention::new(c, vb.pp("self_attn"), quant)?,
             self_attn_layer_norm: layer_norm(c, vb.pp("self_attn_layer_norm"))?,
-            fc1: Linear::new(h, c.ffn_dim, c.enable_bias, vb.pp("fc1"))?,
-            fc2: Linear::new(c.ffn_dim, h, c.enable_bias, vb.pp("fc2"))?,
+            fc1: maybe_quantize(Linear::new(h, c.ffn_dim, c.enable_bias, vb.pp("fc1"))?, quant)?,
+            fc2: maybe_quantize(Linear::new(c.ffn_dim, h, c.enable_bias, vb.pp("fc2"))?, quant)?,
             final_layer_norm: layer_norm(c, vb.pp("final_layer_norm"))?,
             act: c.activation_function,
             do_layer_norm_before: c.do_layer_norm_before,
@@ -174,6 +175,15 @@ impl DecoderLayer {
         } else {
             self.final_layer_norm.forward(&h)
         }
+    }
+}
+
+/// Quantizes a layer right after loading, so that only one layer's dense weights are in
+/// memory at a time.
+fn maybe_quantize(l: Linear, quant: Option<GgmlDType>) -> Result<Linear> {
+    match quant {
+        Some(q) => l.quantized(q),
+        None => Ok(l),
     }
 }
 
@@ -198,15 +208,23 @@ pub struct OptForCausalLM {
     final_layer_norm: Option<LayerNorm>,
     /// `lm_head.weight` when untied; the head is `embed_tokens` otherwise.
     lm_head: Option<Tensor>,
+    /// The head, quantized, when the decoder is.
+    quantized_head: Option<Linear>,
     vocab_size: usize,
 }
 
 impl OptForCausalLM {
-    pub fn new(c: &OptConfig, vb: VarBuilder) -> Result<Self> {
+    /// With `quant`, every linear layer of the decoder and the LM head are quantized to
+    /// that ggml format as they load (their activations are then computed in f32, so `vb`
+    /// should be f32 too); the embeddings and LayerNorms stay in `vb`'s dtype.
+    pub fn new(c: &OptConfig, vb: VarBuilder, quant: Option<GgmlDType>) -> Result<Self> {
         let d = vb.pp("model").pp("decoder");
         let (h, e) = (c.hidden_size, c.word_embed_proj_dim());
         let (project_in, project_out) = if e != h {
-            (Some(Linear::new(e, h, false, d.pp("project_in"))?), Some(Linear::new(h, e, false, d.pp("project_out"))?))
+            (
+                Some(maybe_quantize(Linear::new(e, h, false, d.pp("project_in"))?, quant)?),
+                Some(maybe_quantize(Linear::new(h, e, false, d.pp("project_out"))?, quant)?),
+            )
         } else {
             (None, None)
         };
@@ -227,15 +245,26 @@ impl OptForCausalLM {
             }
             None
         };
+        let quantized_head = match quant {
+            // As llama.cpp's `_M` mixes do, the head keeps 6 bits when the layers get 4 or 5:
+            // its errors go straight into the logits.
+            Some(q) => {
+                let q = if matches!(q, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q4_0 | GgmlDType::Q4_1) { GgmlDType::Q6K } else { q };
+                Some(Linear::from_weight_quantized(lm_head.as_ref().unwrap_or(&embed_tokens), None, q)?)
+            }
+            None => None,
+        };
+        let lm_head = if quantized_head.is_some() { None } else { lm_head };
         let lv = d.pp("layers");
         Ok(Self {
             embed_tokens,
             embed_positions: LearnedPositionalEmbedding::new(c, d.pp("embed_positions"))?,
             project_in,
             project_out,
-            layers: (0..c.num_hidden_layers).map(|i| DecoderLayer::new(c, lv.pp(i))).collect::<Result<_>>()?,
+            layers: (0..c.num_hidden_layers).map(|i| DecoderLayer::new(c, lv.pp(i), quant)).collect::<Result<_>>()?,
             final_layer_norm,
             lm_head,
+            quantized_head,
             vocab_size: c.vocab_size,
         })
     }
@@ -301,7 +330,15 @@ impl OptForCausalLM {
         self.lm_head(&xs)
     }
 
+    /// Whether the decoder's linear layers are quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized_head.is_some()
+    }
+
     fn lm_head(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(head) = &self.quantized_head {
+            return head.forward(&xs.to_dtype(DType::F32)?);
+        }
         let (b, s, e) = xs.dims3()?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         // The transposed view is read in place: no copy of a (vocab × width) matrix.
