@@ -133,6 +133,22 @@ enum Command {
     Status,
     /// Rebuild the vector index and the caption index from the database.
     Reindex,
+    /// Serve the library over HTTP: the JSON API (/api, described at
+    /// /api/openapi.json) and the web page (/).
+    Serve {
+        /// Address to listen on. Anything but loopback requires --token.
+        #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR:PORT")]
+        bind: std::net::SocketAddr,
+        /// API token required on every /api request (Bearer header or ?token=).
+        #[arg(long, env = "MAGPIE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Folders index jobs may index (default: those the library already has).
+        #[arg(long = "root", value_name = "DIR")]
+        roots: Vec<PathBuf>,
+        /// Largest request body (an uploaded image), in MiB.
+        #[arg(long, default_value_t = 32)]
+        max_upload_mib: usize,
+    },
 }
 
 /// How captions and answers are generated.
@@ -549,6 +565,43 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("device    {}", describe_device(g.device));
                 }
             }
+        }
+        Command::Serve { bind, token, roots, max_upload_mib } => {
+            let token = token.filter(|t| !t.trim().is_empty());
+            if !bind.ip().is_loopback() && token.is_none() {
+                bail!("serving on {bind} (not loopback) needs an API token: pass --token TOKEN or set MAGPIE_TOKEN");
+            }
+            let mut canonical = Vec::new();
+            for r in &roots {
+                let c = std::fs::canonicalize(r).with_context(|| format!("--root {}", r.display()))?;
+                if !c.is_dir() {
+                    bail!("--root {}: not a directory", r.display());
+                }
+                canonical.push(c);
+            }
+            let clip = load_model(&g)?;
+            let lib = Arc::new(open_library(&g, &clip).await?);
+            let gl = g.clone();
+            let loader: magpie_server::ChatLoader = Arc::new(move || {
+                load_blip2(&gl).map(|m| m as Arc<dyn magpie_server::ChatModel>).map_err(|e| format!("{e:#}"))
+            });
+            let config = magpie_server::ServerConfig {
+                token,
+                roots: canonical,
+                body_limit: max_upload_mib.max(1) << 20,
+                ..Default::default()
+            };
+            let state = magpie_server::AppState::new(lib, clip, g.caption_model.clone(), loader, config);
+            let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("listening on {bind}"))?;
+            let addr = listener.local_addr()?;
+            eprintln!("magpie: serving on http://{addr}/");
+            let app = magpie_server::router(state.clone());
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            state.cancel_jobs().await;
         }
         Command::Reindex => {
             let clip = load_model(&g)?;

@@ -19,18 +19,24 @@
 
 mod caption;
 mod chat;
+mod classify;
 mod error;
+mod images;
 mod ingest;
 mod library;
+mod query;
 mod search;
 
 pub use caption::{caption_file, CaptionOptions, CaptionProgress, CaptionReport};
 pub use chat::{chat_prompt, ChatHistory};
+pub use classify::{Classes, Classification, ClassifyReport, DEFAULT_TEMPLATE, MAX_LABELS};
+pub use images::THUMBNAIL_SIDES;
+pub use query::{Page, Query, SearchFilter, SortOrder, MAX_DEPTH, NEGATIVE_WEIGHT};
 pub use error::{Error, Result};
 pub use ingest::{IndexOptions, IndexReport, Progress};
 pub use library::{IndexState, IndexStatus, Library, LibraryConfig, Status, TextIndexStatus};
-pub use magpie_store::{Caption, Conversation, ConversationId, Message, Role};
-pub use search::{embed_file, reciprocal_rank_fusion, SearchHit, SearchMode, RRF_K};
+pub use magpie_store::{Caption, Conversation, ConversationId, FileRecord, LabelRecord, LabelSet, Message, Role};
+pub use search::{embed_bytes, embed_file, reciprocal_rank_fusion, SearchHit, SearchMode, RRF_K};
 
 /// File name of the SQLite database inside the data directory.
 pub const DB_FILE: &str = "magpie.db";

@@ -81,10 +81,12 @@ pub struct SearchHit {
     pub camera: Option<String>,
     /// The image's caption, if it has one.
     pub caption: Option<String>,
+    /// Label set → this image's label in it.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl SearchHit {
-    fn new(f: FileRecord, score: f32, caption: Option<String>) -> Self {
+    pub(crate) fn from_record(f: FileRecord, score: f32, caption: Option<String>) -> Self {
         let meta = f.meta.as_ref();
         let camera = meta.and_then(|m| match (&m.exif.camera_make, &m.exif.camera_model) {
             (Some(a), Some(b)) if b.starts_with(a.as_str()) => Some(b.clone()),
@@ -101,6 +103,7 @@ impl SearchHit {
             taken_at: meta.and_then(|m| m.exif.taken_at.clone()),
             camera,
             caption,
+            labels: Default::default(),
         }
     }
 }
@@ -153,7 +156,7 @@ impl Library {
                 break;
             }
             if let Some(f) = by_id.remove(id) {
-                out.push(SearchHit::new(f, *score, captions.remove(id)));
+                out.push(SearchHit::from_record(f, *score, captions.remove(id)));
             }
         }
         Ok(out)
@@ -256,6 +259,14 @@ impl Library {
 /// Decodes, preprocesses and embeds one image file.
 pub fn embed_file(path: &Path, embedder: &dyn ImageEmbedder) -> Result<Vec<f32>> {
     let decoded = magpie_media::decode_file(path, &DecodeOptions::for_model(embedder.input_side()))?;
+    let pixels = embedder.preprocess(&decoded.image)?;
+    embedder.embed_pixels(&[pixels])?.pop().ok_or_else(|| Error::Task("no embedding returned".into()))
+}
+
+/// Decodes, preprocesses and embeds an image held in memory (an upload); `name` is
+/// what errors call it.
+pub fn embed_bytes(bytes: &[u8], name: &str, embedder: &dyn ImageEmbedder) -> Result<Vec<f32>> {
+    let decoded = magpie_media::decode_bytes(bytes, &DecodeOptions::for_model(embedder.input_side()), name)?;
     let pixels = embedder.preprocess(&decoded.image)?;
     embedder.embed_pixels(&[pixels])?.pop().ok_or_else(|| Error::Task("no embedding returned".into()))
 }

@@ -15,12 +15,15 @@ use std::time::Duration;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
+#[path = "labels.rs"]
+pub(crate) mod labels;
+
 /// How long a writer waits for another connection (or process) to finish its write.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pool size for on-disk libraries: WAL lets readers run beside the one writer.
 const MAX_CONNECTIONS: u32 = 4;
 /// Bound on `?` parameters per statement for id lists (SQLite allows 32766).
-const IDS_PER_STATEMENT: usize = 500;
+pub(crate) const IDS_PER_STATEMENT: usize = 500;
 /// Rows per page when reading all embeddings (4096 × 512 f32 = 8 MiB).
 const EMBEDDING_PAGE: u32 = 4096;
 
@@ -29,6 +32,11 @@ macro_rules! now {
     () => {
         "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
     };
+}
+
+/// [`now!`] for SQL built at run time.
+pub(crate) fn now_sql() -> &'static str {
+    now!()
 }
 
 const FILE_COLUMNS: &str = "id, root_id, path_bytes, size, mtime_ns, content_hash, width, height, \
@@ -1296,7 +1304,7 @@ fn decode_vector(bytes: &[u8], dim: usize) -> Option<Vec<f32>> {
     })
 }
 
-fn placeholders(n: usize) -> String {
+pub(crate) fn placeholders(n: usize) -> String {
     let mut s = "?,".repeat(n);
     s.pop();
     s
