@@ -158,3 +158,52 @@ fn clear_errors() {
     assert_eq!(bad_device.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_device.stderr).contains("tpu"));
 }
+
+#[test]
+fn serve_answers_on_loopback_and_needs_a_token_elsewhere() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let photos = photo_folder();
+    let m = model();
+    // Not loopback without a token: refused before anything is loaded.
+    let out = magpie(data.path(), &["--model", &m, "serve", "--bind", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("0.0.0.0:0") && e.contains("--token"), "{e}");
+    let out = magpie(data.path(), &["--model", &m, "serve", "--root", "/no/such/folder"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/folder"));
+
+    // On loopback (port 0: the system picks), the page and the API answer over a socket.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_magpie"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--model", &m, "serve", "--bind", "127.0.0.1:0", "--token", "t0k", "--root"])
+        .arg(photos.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.trim_end_matches('/').to_string();
+        }
+    };
+    let get = |path: &str, auth: bool| -> String {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let auth = if auth { "Authorization: Bearer t0k\r\n" } else { "" };
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    let health = get("/api/health", false);
+    assert!(health.starts_with("HTTP/1.1 200") && health.contains("\"ok\":true"), "{health}");
+    assert!(get("/api/status", false).starts_with("HTTP/1.1 401"));
+    let status = get("/api/status", true);
+    assert!(status.starts_with("HTTP/1.1 200") && status.contains("\"indexed\":0"), "{status}");
+    assert!(get("/", false).contains("<html"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
