@@ -131,8 +131,20 @@ enum Command {
     },
     /// Counts, model and index state of the library.
     Status,
-    /// Rebuild the vector index and the caption index from the database.
+    /// Rebuild the vector index and the caption index from the database. With a --model
+    /// other than the library's: re-embed every image with it, then switch the library
+    /// to it (resumable; the current index keeps answering until the switch).
     Reindex,
+    /// Groups of duplicate images: exact copies (the same bytes) and near-duplicates
+    /// (resized, re-encoded or slightly cropped copies: CLIP cosine ≥ --threshold).
+    Duplicates {
+        /// Cosine similarity at or above which two images are near-duplicates.
+        #[arg(long, default_value_t = magpie_engine::DEFAULT_NEAR_THRESHOLD)]
+        threshold: f32,
+        /// Only exact copies.
+        #[arg(long)]
+        exact_only: bool,
+    },
     /// Serve the library over HTTP: the JSON API (/api, described at
     /// /api/openapi.json) and the web page (/).
     Serve {
@@ -525,6 +537,38 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", s.join(" "));
             }
         }
+        Command::Duplicates { threshold, exact_only } => {
+            if !(threshold > 0.0 && threshold <= 1.0) {
+                bail!("--threshold must be in (0, 1], not {threshold}");
+            }
+            let dir = data_dir(&g)?;
+            let lib = Library::open_recorded(&dir, LibraryConfig::default()).await?;
+            let d = lib.duplicates((!exact_only).then_some(threshold)).await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("{} groups of exact copies", d.exact.len());
+                for grp in &d.exact {
+                    println!("  same content ({}…):", &grp.content_hash[..12.min(grp.content_hash.len())]);
+                    for f in &grp.files {
+                        println!("    {}  (id {}, {} bytes)", f.path, f.id, f.size);
+                    }
+                }
+                if !exact_only {
+                    println!("{} groups of near-duplicates (cosine ≥ {threshold})", d.near.len());
+                    for grp in &d.near {
+                        println!("  lowest cosine {:.4}:", grp.min_cosine);
+                        for f in &grp.files {
+                            let dims = match (f.width, f.height) {
+                                (Some(w), Some(h)) => format!("{w}×{h}, "),
+                                _ => String::new(),
+                            };
+                            println!("    {}  (id {}, {dims}{} bytes)", f.path, f.id, f.size);
+                        }
+                    }
+                }
+            }
+        }
         Command::Status => {
             let dir = data_dir(&g)?;
             match Library::status(&dir, Default::default()).await? {
@@ -604,6 +648,45 @@ async fn run(cli: Cli) -> Result<()> {
             state.cancel_jobs().await;
         }
         Command::Reindex => {
+            let dir = data_dir(&g)?;
+            if model_given() && dir.join(magpie_engine::DB_FILE).is_file() {
+                let lib = Library::open_recorded(&dir, LibraryConfig::default()).await?;
+                let clip = load_model(&g)?;
+                if clip.info() != lib.model() {
+                    let from = lib.model().id.clone();
+                    if !g.json {
+                        eprintln!("switching the library from {from} to {}: re-embedding every image (the current index keeps answering until the switch; Ctrl-C stops, a rerun resumes)", clip.info().id);
+                    }
+                    let bar = if g.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+                    bar.set_style(
+                        ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let c = cancel.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::signal::ctrl_c().await;
+                        c.store(true, std::sync::atomic::Ordering::SeqCst);
+                    });
+                    let progress = |done: u64, total: u64| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    };
+                    let emb: Arc<dyn ImageEmbedder> = clip.clone();
+                    let r = lib.switch_model(emb, &IndexOptions::default(), &progress, &cancel).await?;
+                    bar.finish_and_clear();
+                    for (p, why) in &r.failed {
+                        eprintln!("warning: {}: {why} (left pending for the next `magpie index`)", p.display());
+                    }
+                    if g.json {
+                        println!("{}", serde_json::json!({ "from": from, "to": r.model, "switched": r.switched, "embedded": r.embedded, "failed": r.failed.len(), "vectors": r.vectors }));
+                    } else if r.switched {
+                        println!("switched from {from} to {}: {} images embedded, {} vectors in the index", r.model, r.embedded, r.vectors);
+                    } else {
+                        println!("stopped before the switch: {} images embedded so far; rerun to resume", r.embedded);
+                    }
+                    return Ok(());
+                }
+            }
             let clip = load_model(&g)?;
             let lib = open_library(&g, &clip).await?;
             let n = lib.rebuild_index().await?;
@@ -616,6 +699,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the user chose the CLIP model (`--model` or `MAGPIE_MODEL`) rather than taking
+/// the default.
+fn model_given() -> bool {
+    std::env::var_os("MAGPIE_MODEL").is_some() || std::env::args().any(|a| a == "--model" || a.starts_with("--model="))
 }
 
 /// `--caption-precision`: `auto` (`None`) lets the device decide.

@@ -207,3 +207,34 @@ fn serve_answers_on_loopback_and_needs_a_token_elsewhere() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn reindex_with_another_model_switches_the_library() {
+    let data = tempfile::tempdir().unwrap();
+    let photos = photo_folder();
+    let a = model();
+    let b = root().join("tests/fixtures/clip/tiny-b").display().to_string();
+    ok(data.path(), &["--model", &a, "index", photos.path().to_str().unwrap()]);
+    let before = json(data.path(), &["--model", &a, "search", "a cat", "-k", "50"]);
+    let n = before.as_array().unwrap().len();
+    assert!(n >= 10);
+    // Another model is refused, with the way out in the message.
+    let out = magpie(data.path(), &["--model", &b, "search", "a cat"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("magpie reindex --model") && e.contains("tiny-b@"), "{e}");
+    // The switch: every image re-embedded with tiny-b, then the library uses it.
+    let r = json(data.path(), &["--model", &b, "reindex"]);
+    assert_eq!(r["switched"], true, "{r}");
+    assert_eq!(r["embedded"].as_u64(), Some(n as u64));
+    assert_eq!(r["vectors"].as_u64(), Some(n as u64));
+    let after = json(data.path(), &["--model", &b, "search", "a cat", "-k", "50"]);
+    assert_eq!(after.as_array().unwrap().len(), n);
+    let status = json(data.path(), &["status"]);
+    assert!(status["model"]["id"].as_str().unwrap().contains("tiny-b"), "{status}");
+    assert_eq!(status["index"]["up_to_date"], true);
+    // Now the old model is the one refused; and reindexing to the same model just rebuilds.
+    assert!(!magpie(data.path(), &["--model", &a, "search", "a cat"]).status.success());
+    let again = json(data.path(), &["--model", &b, "reindex"]);
+    assert_eq!(again["vectors"].as_u64(), Some(n as u64));
+}

@@ -292,6 +292,15 @@ fn run_pipeline(
     }
 }
 
+/// After a removal that took SQLite from generation `before` to `after`: the index, which
+/// has just dropped the same files, is at `after` too, if it was current before. (If it
+/// was not, it stays behind and the next open rebuilds it.)
+fn follow_generation(ix: &mut magpie_index::VectorIndex, before: u64, after: u64) {
+    if ix.generation() == before {
+        ix.set_generation(after);
+    }
+}
+
 /// Walks one root, comparing with what the store knows. Returns the candidates and the
 /// known paths that were not seen (deleted).
 fn walk_root(
@@ -435,12 +444,18 @@ impl Library {
             report.failed.push((path, msg));
         }
         if !deleted.is_empty() {
+            // SQLite bumps the generation for the removal: the indexes follow it together
+            // with the removal, so that no save can show one without the other.
+            let _text_guard = self.text_write.lock().await;
+            let before = self.store.generation().await?;
             report.deleted = self.store.mark_deleted(&deleted).await?;
+            let after = self.store.generation().await?;
             {
                 let mut ix = self.index.write().expect("index lock");
                 for id in &deleted {
                     ix.remove(*id);
                 }
+                follow_generation(&mut ix, before, after);
             }
             self.text().remove(&deleted)?;
         }
@@ -481,13 +496,25 @@ impl Library {
                     prog.done += files.len() as u64;
                 }
                 Batch::Failed(cand, why) => {
+                    let text_guard = self.text_write.lock().await;
+                    let before = self.store.generation().await?;
                     let id = self.store.record_failure(cand.root_id, &cand.path, cand.size, cand.mtime_ns, &why).await?;
-                    // A file that was indexed and now fails leaves the index; save that.
-                    let was_indexed = self.index.write().expect("index lock").remove(id);
+                    // A file that was indexed and now fails leaves the indexes (SQLite
+                    // bumped the generation for it); save that.
+                    let after = self.store.generation().await?;
+                    let was_indexed = {
+                        let mut ix = self.index.write().expect("index lock");
+                        let removed = ix.remove(id);
+                        if removed {
+                            follow_generation(&mut ix, before, after);
+                        }
+                        removed
+                    };
                     if was_indexed {
                         self.text().remove(&[id])?;
                         text_dirty = true;
                     }
+                    drop(text_guard);
                     dirty |= was_indexed;
                     report.failed.push((cand.path, why));
                     prog.done += 1;

@@ -20,17 +20,21 @@
 mod caption;
 mod chat;
 mod classify;
+mod duplicates;
 mod error;
 mod images;
 mod ingest;
 mod library;
+mod model_switch;
 mod query;
 mod search;
 
 pub use caption::{caption_file, CaptionOptions, CaptionProgress, CaptionReport};
 pub use chat::{chat_prompt, ChatHistory};
 pub use classify::{Classes, Classification, ClassifyReport, DEFAULT_TEMPLATE, MAX_LABELS};
+pub use duplicates::{DuplicateFile, Duplicates, ExactGroup, NearGroup, DEFAULT_NEAR_THRESHOLD};
 pub use images::THUMBNAIL_SIDES;
+pub use model_switch::SwitchReport;
 pub use query::{Page, Query, SearchFilter, SortOrder, MAX_DEPTH, NEGATIVE_WEIGHT};
 pub use error::{Error, Result};
 pub use ingest::{IndexOptions, IndexReport, Progress};

@@ -97,6 +97,11 @@ impl Library {
                 (ix, IndexState::Rebuilt(reason))
             }
         };
+        // A save killed half-way leaves its temporary files; the next save would remove
+        // them too, but a library that is only read may not save for a long time.
+        if let Err(e) = VectorIndex::remove_stale_temp_files(dir, VECTOR_INDEX) {
+            tracing::warn!("could not remove the temporary files of an interrupted index save: {e}");
+        }
         let (text, text_state) = open_text_index(&store, dir).await?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -301,7 +306,7 @@ impl Library {
     }
 }
 
-async fn build_index(store: &Store, spec: &IndexSpec, generation: u64) -> Result<VectorIndex> {
+pub(crate) async fn build_index(store: &Store, spec: &IndexSpec, generation: u64) -> Result<VectorIndex> {
     let vectors = store.all_embeddings(&spec.model_id).await?;
     let spec = spec.clone();
     tokio::task::spawn_blocking(move || -> Result<VectorIndex> {

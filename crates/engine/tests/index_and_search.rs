@@ -743,6 +743,36 @@ async fn an_index_older_than_sqlite_is_rebuilt() {
 }
 
 #[tokio::test]
+async fn a_removal_the_indexes_never_saved_makes_them_stale() {
+    // As after a kill between the walk writing a tombstone (or an indexed file's failure)
+    // to SQLite and the index saves at the end of the run: the saved indexes still hold
+    // those files and must not load as current.
+    let photos = photos();
+    let data = data_dir();
+    let fake = FakeEmbedder::new();
+    let lib = open(data.path()).await;
+    index(&lib, &photos.root, &fake).await;
+    let n = PHOTO_NAMES.len();
+    let blue = id_of(&lib, &photos.path("blue.png")).await;
+    let red = photos.path("red.png");
+    let root = lib.store().roots().await.unwrap()[0].id;
+    lib.store().mark_deleted(&[blue]).await.unwrap();
+    lib.store().record_failure(root, &red, 1, 1, "truncated").await.unwrap();
+    drop(lib);
+
+    let lib = open(data.path()).await;
+    assert!(matches!(lib.index_state(), magpie_engine::IndexState::Rebuilt(_)), "{:?}", lib.index_state());
+    assert!(matches!(lib.text_index_state(), magpie_engine::IndexState::Rebuilt(_)), "{:?}", lib.text_index_state());
+    assert_eq!(lib.indexed_vectors(), n - 2);
+    assert_eq!(lib.text_documents(), n as u64 - 2);
+    drop(lib);
+    // The rebuilt indexes were saved at the new generation.
+    let lib = open(data.path()).await;
+    assert_eq!(lib.index_state(), &magpie_engine::IndexState::Loaded);
+    assert_eq!(lib.text_index_state(), &magpie_engine::IndexState::Loaded);
+}
+
+#[tokio::test]
 async fn an_hnsw_library_survives_reopening() {
     // Past the exact threshold the index is an HNSW graph; it must save and load too.
     let dir = tempfile::tempdir().unwrap();

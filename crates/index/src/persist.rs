@@ -12,7 +12,9 @@
 //! Every file is written under a temporary name (`vectors.tmp-<pid>-<n>.*`), synced, then
 //! renamed over the old one, the meta file last: it is the commit record. A crash between
 //! renames leaves a meta whose checksums do not match, which loads as stale (the engine
-//! rebuilds from SQLite) and never as a mixed index. Temporary files are removed on error.
+//! rebuilds from SQLite) and never as a mixed index. Temporary files are removed on error;
+//! those of a process killed while saving are removed by the next save (or
+//! [`VectorIndex::remove_stale_temp_files`]) once that process is gone.
 //! The checksums also keep hnsw_rs' loader, which asserts or even exits the process on a
 //! malformed file, away from anything we did not write.
 
@@ -222,6 +224,16 @@ impl Drop for Staged<'_> {
     }
 }
 
+/// Whether process `pid` runs, where the system says (`/proc`); `None` elsewhere. Our own
+/// process counts as running: its saves clean up after themselves.
+fn process_alive(pid: u32) -> Option<bool> {
+    if pid == std::process::id() {
+        return Some(true);
+    }
+    let proc = Path::new("/proc");
+    proc.join("self").exists().then(|| proc.join(pid.to_string()).exists())
+}
+
 fn hash_reader(mut r: impl Read) -> io::Result<(u64, blake3::Hash)> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -343,9 +355,11 @@ impl VectorIndex {
     }
 
     /// Writes the index as `dir/<basename>.*` (see the table in the module docs),
-    /// atomically replacing a previous save. No temporary file survives, success or not.
+    /// atomically replacing a previous save. No temporary file survives, success or not,
+    /// and those of earlier saves killed half-way are removed.
     pub fn save(&self, dir: &Path, basename: &str) -> Result<()> {
         check_basename(basename)?;
+        Self::remove_stale_temp_files(dir, basename)?;
         let mut staged = Staged::new(dir, basename);
         let points = match &self.inner {
             Inner::Exact(e) => {
@@ -378,6 +392,44 @@ impl VectorIndex {
             }
         }
         Ok(())
+    }
+
+    /// Removes the temporary files (`<basename>.tmp-<pid>-<n>.*`) that saves left behind
+    /// when their process was killed half-way: those of processes no longer running (where
+    /// the system can tell) and any older than a day. A process that is alive may be
+    /// saving right now, so its recent files are left alone. Returns how many were removed.
+    pub fn remove_stale_temp_files(dir: &Path, basename: &str) -> Result<usize> {
+        check_basename(basename)?;
+        let entries = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        let prefix = format!("{basename}.tmp-");
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let old = || {
+                entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(24 * 3600))
+            };
+            let stale = process_alive(pid) == Some(false) || old();
+            if stale {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(entry.path(), e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Reads an index saved by [`save`](Self::save) if it fits `spec` and `generation`:

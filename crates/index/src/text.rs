@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tantivy::collector::TopDocs;
 use tantivy::directory::error::LockError;
+use tantivy::directory::{Directory, INDEX_WRITER_LOCK};
 use tantivy::query::QueryParser;
 use tantivy::schema::{
     Field, IndexRecordOption, NumericOptions, Schema, TextFieldIndexing, TextOptions, Value,
@@ -279,7 +280,10 @@ impl TextIndex {
             )));
         }
         match Self::wrap(Some(dir.to_path_buf()), index, stamp) {
-            Ok(ix) => Ok(TextLoaded::Ready(ix)),
+            Ok(ix) => {
+                ix.clean_after_crash(dir);
+                Ok(TextLoaded::Ready(ix))
+            }
             Err(e) => Ok(TextLoaded::Stale(e.to_string())),
         }
     }
@@ -350,6 +354,26 @@ impl TextIndex {
         Ok(TextIndex { dir, index, reader, fields, parser, writer: Mutex::new(None), stamp: Mutex::new(stamp) })
     }
 
+    /// Removes what a process killed in the middle of a commit leaves in `dir`: tantivy's
+    /// temporary files, and the files of segments the last commit no longer uses (tantivy
+    /// collects those at its next commit, but a library that is only searched may not
+    /// commit for a long time). Left alone while another process writes the index.
+    fn clean_after_crash(&self, dir: &Path) {
+        let unused = {
+            let Ok(_lock) = self.index.directory().acquire_lock(&INDEX_WRITER_LOCK) else { return };
+            remove_temp_files(dir);
+            has_unused_segment_files(&self.index, dir)
+        };
+        if unused {
+            // tantivy's own collector, which knows which files are its own and keeps
+            // those a reader is opening; it runs under the writer lock it takes again.
+            // Best effort: if it cannot run now, the next commit collects them.
+            if let Ok(w) = self.index.writer_with_num_threads::<TantivyDocument>(1, WRITER_BUDGET) {
+                let _ = w.garbage_collect_files().wait();
+            }
+        }
+    }
+
     fn path(&self) -> PathBuf {
         self.dir.clone().unwrap_or_else(|| PathBuf::from(":memory:"))
     }
@@ -385,6 +409,9 @@ impl TextIndex {
                 TantivyError::LockFailure(LockError::LockBusy, _) => TextError::Locked { path: self.path() },
                 e => self.tantivy()(e),
             })?;
+            if let Some(dir) = &self.dir {
+                remove_temp_files(dir);
+            }
             *slot = Some(w);
         }
         f(slot.as_mut().expect("writer just opened"))
@@ -490,6 +517,34 @@ impl Drop for TextIndex {
             }
         }
     }
+}
+
+/// Removes from `dir` the temporary files of tantivy's atomic writes (`.tmpXXXXXX`, made
+/// by the `tempfile` crate beside `meta.json` and `.managed.json`) that a process killed
+/// in the middle of a commit left behind. Only the holder of the writer lock writes those
+/// files, so call it holding that lock.
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let temp = e.file_name().to_str().is_some_and(|n| n.starts_with(".tmp"));
+        if temp && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether `dir` holds segment files (`<segment id>.<ext>`) of no segment of the last
+/// commit.
+fn has_unused_segment_files(index: &Index, dir: &Path) -> bool {
+    let Ok(living) = index.searchable_segment_ids() else { return false };
+    let living: std::collections::HashSet<String> = living.iter().map(|id| id.uuid_string()).collect();
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { return false };
+        let segment = name.split('.').next().unwrap_or_default();
+        segment.len() == 32 && segment.bytes().all(|b| b.is_ascii_hexdigit()) && !living.contains(segment)
+    })
 }
 
 /// The stamp of a saved index of ours, or why it is not usable.

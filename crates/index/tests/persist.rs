@@ -123,6 +123,42 @@ fn failed_saves_leave_no_temporary_files() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
+fn temporary_files_of_a_killed_save_go_once_their_process_is_gone() {
+    let mut gen = Clustered::embeddings(12, DIM, 15);
+    let ix = built(IndexKind::Hnsw, &mut gen);
+    let dir = tempfile::tempdir().unwrap();
+    ix.save(dir.path(), BASE).unwrap();
+    let saved = listing(dir.path());
+
+    // What a save SIGKILLed half-way leaves (no pid gets this high on Linux) ...
+    let dead = ["vectors.tmp-2147483000-0.hnsw.ids", "vectors.tmp-2147483000-0.hnsw.graph"];
+    for name in dead {
+        fs::write(dir.path().join(name), b"partial").unwrap();
+    }
+    // ... beside a save running now in a live process (this one), and another basename's.
+    let live = format!("vectors.tmp-{}-999.hnsw.data", std::process::id());
+    let other = "other.tmp-2147483000-0.meta.json";
+    fs::write(dir.path().join(&live), b"partial").unwrap();
+    fs::write(dir.path().join(other), b"partial").unwrap();
+
+    assert!(load(dir.path(), ix.spec(), 3).ready().is_some(), "leftovers do not spoil a load");
+    assert_eq!(VectorIndex::remove_stale_temp_files(dir.path(), BASE).unwrap(), 2);
+    let mut want = saved.clone();
+    want.extend([live.clone(), other.to_string()]);
+    want.sort();
+    assert_eq!(listing(dir.path()), want);
+
+    // The next save removes them too.
+    for name in dead {
+        fs::write(dir.path().join(name), b"partial").unwrap();
+    }
+    ix.save(dir.path(), BASE).unwrap();
+    assert_eq!(listing(dir.path()), want);
+    assert_eq!(VectorIndex::remove_stale_temp_files(&dir.path().join("nope"), BASE).unwrap(), 0);
+}
+
+#[test]
 fn missing_files_are_reported_as_missing_or_stale() {
     let mut gen = Clustered::embeddings(13, DIM, 15);
     let ix = built(IndexKind::Hnsw, &mut gen);

@@ -216,6 +216,39 @@ fn a_damaged_or_foreign_folder_is_stale_and_rebuilt() {
     assert_eq!(ix.len(), 5);
 }
 
+#[test]
+fn what_a_killed_commit_leaves_is_removed_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("captions.tantivy");
+    drop(TextIndex::rebuild(&path, &library(), stamp(1, 0)).unwrap());
+    let listing = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    let clean = listing();
+
+    // A writer killed between writing its segment and committing it: segment files no
+    // commit uses, and the temporary file of an atomic write that never got renamed.
+    {
+        let index = tantivy::Index::open_in_dir(&path).unwrap();
+        index.tokenizers().register("magpie_en", tantivy::tokenizer::SimpleTokenizer::default());
+        let id = index.schema().get_field("id").unwrap();
+        let mut w: tantivy::IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
+        w.add_document(tantivy::doc!(id => 99i64)).unwrap();
+        // Dropped without a commit: like a kill, nothing cleans up (no collection runs).
+        drop(w.prepare_commit().unwrap());
+    }
+    std::fs::write(path.join(".tmpK1ll3d"), b"{\"half\": ").unwrap();
+    let after_kill = listing();
+    assert!(after_kill.len() > clean.len() + 1, "{after_kill:?}");
+
+    let TextLoaded::Ready(ix) = TextIndex::load(&path, stamp(1, 0)).unwrap() else { panic!("not ready") };
+    assert_eq!(ix.len(), 5);
+    assert_eq!(listing(), clean);
+}
+
 fn tantivy_schema() -> tantivy::schema::SchemaBuilder {
     tantivy::schema::Schema::builder()
 }

@@ -801,6 +801,37 @@ pub(crate) async fn ask(State(state): State<AppState>, Path(id): Path<String>, r
 }
 
 // ---------------------------------------------------------------------------------
+// Duplicates
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DuplicateParams {
+    threshold: Option<f32>,
+    exact_only: Option<bool>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+pub(crate) async fn duplicates(State(state): State<AppState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    let p: DuplicateParams = parse_query(&raw)?;
+    let threshold = p.threshold.unwrap_or(magpie_engine::DEFAULT_NEAR_THRESHOLD);
+    if !(threshold > 0.0 && threshold <= 1.0) {
+        return Err(ApiError::bad_request(format!("threshold: must be in (0, 1], not {threshold}")));
+    }
+    let near = (!p.exact_only.unwrap_or(false)).then_some(threshold);
+    let d = state.inner().lib.duplicates(near).await?;
+    let file = |f: &magpie_engine::DuplicateFile| {
+        let (thumbnail, _) = image_urls(f.id);
+        json!({"id": f.id, "path": f.path, "size": f.size, "width": f.width, "height": f.height, "thumbnail": thumbnail})
+    };
+    Ok(Json(json!({
+        "threshold": (d.threshold as f64 * 1e6).round() / 1e6,
+        "exact": d.exact.iter().map(|g| json!({"content_hash": g.content_hash, "files": g.files.iter().map(file).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+        "near": d.near.iter().map(|g| json!({"min_cosine": g.min_cosine, "files": g.files.iter().map(file).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+    })))
+}
+
+// ---------------------------------------------------------------------------------
 // Jobs
 
 fn job_running(job: crate::Job) -> ApiError {

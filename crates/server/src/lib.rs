@@ -168,6 +168,7 @@ pub fn router(state: AppState) -> Router {
         .route("/conversations", get(api::conversations).post(api::start_conversation))
         .route("/conversations/{id}", get(api::conversation))
         .route("/conversations/{id}/messages", post(api::ask))
+        .route("/duplicates", get(api::duplicates))
         .route("/jobs", get(api::jobs))
         .route("/jobs/index", post(api::start_index))
         .route("/jobs/caption", post(api::start_caption))

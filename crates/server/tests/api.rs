@@ -161,6 +161,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/conversations"),
     ("get", "/api/conversations/{id}"),
     ("post", "/api/conversations/{id}/messages"),
+    ("get", "/api/duplicates"),
     ("get", "/api/jobs"),
     ("post", "/api/jobs/index"),
     ("post", "/api/jobs/caption"),
@@ -589,6 +590,39 @@ async fn index_and_caption_jobs_report_progress_and_searches_go_on() {
     r.error(StatusCode::NOT_FOUND, "unknown_job", "99");
     post_json(&e.app, "/api/jobs/index", json!({"root": "/etc"})).await.error(StatusCode::BAD_REQUEST, "bad_request", "/etc");
     post_json(&e.app, "/api/jobs/index", json!({"roots": []})).await.error(StatusCode::BAD_REQUEST, "bad_request", "roots");
+}
+
+#[tokio::test]
+async fn duplicates_group_exact_copies_and_look_alikes() {
+    let e = env(ServerConfig::default(), false).await;
+    // An exact copy of the rocket, and a smaller, re-encoded one.
+    std::fs::copy(fixture("photos/rocket.jpg"), e.photos.path().join("rocket-copy.jpg")).unwrap();
+    let img = magpie_media::decode_file(&fixture("photos/rocket.jpg"), &Default::default()).unwrap().image;
+    let (w, h) = (img.width(), img.height());
+    img.resize(w * 3 / 5, h * 3 / 5, magpie_media::image::imageops::FilterType::Triangle)
+        .to_rgb8()
+        .save(e.photos.path().join("rocket-small.png"))
+        .unwrap();
+    let r = post_json(&e.app, "/api/jobs/index", json!({})).await.json();
+    assert_eq!(wait_job(&e.app, r["id"].as_i64().unwrap()).await["state"], "done");
+    let d = get(&e.app, "/api/duplicates").await;
+    assert_eq!(d.status, StatusCode::OK);
+    let d = d.json();
+    let names = |files: &Value| -> Vec<String> {
+        let mut v: Vec<String> = files.as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap().rsplit('/').next().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(d["exact"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(names(&d["exact"][0]["files"]), ["rocket-copy.jpg", "rocket.jpg"]);
+    let near = d["near"].as_array().unwrap();
+    let rocket_group = near.iter().find(|g| names(&g["files"]).contains(&"rocket.jpg".to_string())).unwrap_or_else(|| panic!("{d}"));
+    assert_eq!(names(&rocket_group["files"]), ["rocket-copy.jpg", "rocket-small.png", "rocket.jpg"]);
+    assert!(rocket_group["min_cosine"].as_f64().unwrap() >= 0.95);
+    let exact_only = get(&e.app, "/api/duplicates?exact_only=true").await.json();
+    assert!(exact_only["near"].as_array().unwrap().is_empty());
+    get(&e.app, "/api/duplicates?threshold=1.5").await.error(StatusCode::BAD_REQUEST, "bad_request", "threshold");
+    get(&e.app, "/api/duplicates?threshold=high").await.error(StatusCode::BAD_REQUEST, "bad_request", "threshold");
 }
 
 #[tokio::test]

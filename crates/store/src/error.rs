@@ -28,8 +28,9 @@ pub enum Error {
     #[error(
         "{db}: this library was embedded with model `{stored}` (dimension {stored_dim}), \
          not `{requested}` (dimension {requested_dim}); pass the library's model with --model, \
-         or use another --data-dir for the new model (or delete the database to re-embed \
-         everything with it)"
+         or switch the library to the new model with `magpie reindex --model …` and the same \
+         --model you gave here (it re-embeds every image while the current index keeps \
+         answering, then switches), or use another --data-dir"
     )]
     ModelMismatch {
         db: PathBuf,

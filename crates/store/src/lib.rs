@@ -43,6 +43,7 @@ mod store;
 mod types;
 
 pub use error::{Error, Result};
+pub use store::annotations::Adopted;
 pub use store::labels::{LabelRecord, LabelSet};
 pub use store::Store;
 pub use types::{

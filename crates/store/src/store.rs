@@ -17,6 +17,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
 #[path = "labels.rs"]
 pub(crate) mod labels;
+#[path = "models.rs"]
+mod models;
+#[path = "annotations.rs"]
+pub(crate) mod annotations;
 
 /// How long a writer waits for another connection (or process) to finish its write.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -236,10 +240,15 @@ impl Store {
         Ok(generation)
     }
 
-    /// The generation counter. It grows whenever vectors are added or changed (each
-    /// [`commit_batch`](Self::commit_batch), [`replace_model`](Self::replace_model));
-    /// a derived index built at another generation is stale. Removals (tombstones,
-    /// failures, purges) do not bump it: queries filter those by status.
+    /// The generation counter. It grows whenever the set of indexed vectors changes:
+    /// vectors added or changed ([`commit_batch`](Self::commit_batch),
+    /// [`replace_model`](Self::replace_model)) and indexed files removed
+    /// ([`mark_deleted`](Self::mark_deleted), [`record_failure`](Self::record_failure) of
+    /// an indexed file); a derived index built at another generation is stale. Removals
+    /// bump it too because a process killed between the removal and its next index save
+    /// would otherwise leave a saved index that still loads as current, with the removed
+    /// files in it for good. [`purge_deleted`](Self::purge_deleted) does not: it drops
+    /// tombstones, which no index holds any more.
     pub async fn generation(&self) -> Result<u64> {
         let g: i64 = sqlx::query_scalar("SELECT generation FROM library WHERE id = 1")
             .fetch_one(&self.pool)
@@ -459,7 +468,8 @@ impl Store {
 
     /// Records that a file failed: upserts its row as `failed` with `reason` (and the
     /// size/mtime seen, so an unchanged file can be skipped on rerun), clears its stale
-    /// metadata and embedding, and appends to the failure log. Returns the file id.
+    /// metadata and embedding, and appends to the failure log. Bumps the generation if
+    /// the file was indexed (it leaves the derived indexes). Returns the file id.
     pub async fn record_failure(
         &self,
         root_id: RootId,
@@ -469,6 +479,12 @@ impl Store {
         reason: &str,
     ) -> Result<ImageId> {
         let mut tx = self.begin_write().await?;
+        let was_indexed: Option<String> =
+            sqlx::query_scalar("SELECT status FROM files WHERE path_bytes = ?")
+                .bind(paths::to_bytes(path))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(self.err())?;
         let id: ImageId = sqlx::query_scalar(concat!(
             "INSERT INTO files (root_id, path, path_bytes, size, mtime_ns, status, error, updated_at) \
              VALUES (?, ?, ?, ?, ?, 'failed', ?, ",
@@ -498,6 +514,9 @@ impl Store {
         insert_failure(&mut tx, Some(id), path, reason)
             .await
             .map_err(self.err())?;
+        if was_indexed.as_deref() == Some(FileStatus::Indexed.as_str()) {
+            bump(&mut tx).await.map_err(self.err())?;
+        }
         tx.commit().await.map_err(self.err())?;
         Ok(id)
     }
@@ -512,14 +531,27 @@ impl Store {
         tx.commit().await.map_err(self.err())
     }
 
-    /// Turns the rows into tombstones (status `deleted`), in one transaction. Returns how
-    /// many rows changed (already-deleted and unknown ids do not count).
+    /// Turns the rows into tombstones (status `deleted`), in one transaction, bumping the
+    /// generation if any indexed file was among them. Returns how many rows changed
+    /// (already-deleted and unknown ids do not count).
     pub async fn mark_deleted(&self, ids: &[ImageId]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
         let mut tx = self.begin_write().await?;
         let mut changed = 0;
+        let mut indexed = 0;
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT COUNT(*) FROM files WHERE status = 'indexed' AND id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_scalar::<_, i64>(&sql);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            indexed += query.fetch_one(&mut *tx).await.map_err(self.err())?;
+        }
         for chunk in ids.chunks(IDS_PER_STATEMENT) {
             let sql = format!(
                 concat!(
@@ -538,6 +570,9 @@ impl Store {
                 .await
                 .map_err(self.err())?
                 .rows_affected();
+        }
+        if indexed > 0 {
+            bump(&mut tx).await.map_err(self.err())?;
         }
         tx.commit().await.map_err(self.err())?;
         Ok(changed)
@@ -1129,7 +1164,7 @@ async fn insert_message(
     .await
 }
 
-async fn bump_text(tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<u64> {
+pub(crate) async fn bump_text(tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<u64> {
     let g: i64 = sqlx::query_scalar(
         "UPDATE library SET text_generation = text_generation + 1 WHERE id = 1 RETURNING text_generation",
     )
@@ -1311,7 +1346,7 @@ pub(crate) fn placeholders(n: usize) -> String {
 }
 
 // SQLite integers are i64; sizes, dimensions and counters are never negative.
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

@@ -350,8 +350,8 @@ async fn tombstones_are_excluded_then_purged() {
     );
     assert_eq!(
         store.generation().await.unwrap(),
-        generation,
-        "removals do not bump"
+        generation + 1,
+        "removing an indexed file bumps the generation (once; a repeat is no change)"
     );
 
     assert_eq!(store.purge_deleted().await.unwrap(), 1);
@@ -373,6 +373,47 @@ async fn tombstones_are_excluded_then_purged() {
         .ids[0];
     assert!(next > ids[2], "id {next} reused (max was {})", ids[2]);
     assert!(store.integrity_check().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn removals_of_indexed_files_make_saved_indexes_stale() {
+    // A derived index saved before a removal must not load as current after it: a kill
+    // between the removal and the next index save would otherwise leave the removed
+    // file in the index for good.
+    let (store, root) = fresh().await;
+    let ids = store
+        .commit_batch(&[new_file(root, "/photos/a.jpg", 1), new_file(root, "/photos/b.jpg", 2)])
+        .await
+        .unwrap()
+        .ids;
+    let g = store.generation().await.unwrap();
+
+    // A new file that fails was in no index: no change.
+    store
+        .record_failure(root, Path::new("/photos/new.jpg"), 1, 1, "truncated")
+        .await
+        .unwrap();
+    assert_eq!(store.generation().await.unwrap(), g);
+    // ... nor when it fails again, or is deleted.
+    let new_id = store
+        .record_failure(root, Path::new("/photos/new.jpg"), 2, 2, "truncated")
+        .await
+        .unwrap();
+    assert_eq!(store.mark_deleted(&[new_id]).await.unwrap(), 1);
+    assert_eq!(store.generation().await.unwrap(), g);
+
+    // An indexed file that turns bad leaves the indexes.
+    store
+        .record_failure(root, Path::new("/photos/a.jpg"), 3, 3, "truncated")
+        .await
+        .unwrap();
+    assert_eq!(store.generation().await.unwrap(), g + 1);
+    // An indexed file deleted too (with an unknown id and a tombstone beside it).
+    assert_eq!(store.mark_deleted(&[ids[1], 987654, new_id]).await.unwrap(), 1);
+    assert_eq!(store.generation().await.unwrap(), g + 2);
+    // Purging tombstones no index holds changes nothing an index holds.
+    store.purge_deleted().await.unwrap();
+    assert_eq!(store.generation().await.unwrap(), g + 2);
 }
 
 #[tokio::test]
