@@ -70,6 +70,14 @@ enum Command {
         /// Then caption the images that have no caption yet (BLIP-2; slower).
         #[arg(long)]
         captions: bool,
+        /// Then keep following the folders: new, changed, moved and deleted files are
+        /// indexed within seconds of the change (file-system events), until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch, when events cannot be had (e.g. the inotify limit): seconds
+        /// between full rescans.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        rescan_every: u64,
         #[command(flatten)]
         generation: GenerationArgs,
     },
@@ -160,6 +168,10 @@ enum Command {
         /// Largest request body (an uploaded image), in MiB.
         #[arg(long, default_value_t = 32)]
         max_upload_mib: usize,
+        /// Follow the --root folders: changes are indexed within seconds (file-system
+        /// events; periodic rescans when events cannot be had).
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -334,7 +346,7 @@ fn print_hits(g: &Global, hits: &[SearchHit]) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     let g = cli.global.clone();
     match cli.command {
-        Command::Index { dirs, batch_size, max_pixels, captions, generation } => {
+        Command::Index { dirs, batch_size, max_pixels, captions, watch, rescan_every, generation } => {
             // Load the captioner first: a missing model should fail before the long pass.
             let captioner = if captions { Some(load_captioner(&g)?) } else { None };
             let clip = load_model(&g)?;
@@ -387,6 +399,18 @@ async fn run(cli: Cli) -> Result<()> {
                 } else {
                     print_caption_report(&report);
                 }
+            }
+            if watch {
+                let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let c = cancel.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    c.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+                let wopts = magpie_engine::WatchOptions { rescan_every: std::time::Duration::from_secs(rescan_every.max(1)), ..Default::default() };
+                let embedder: Arc<dyn ImageEmbedder> = clip.clone();
+                let json = g.json;
+                lib.watch(&dirs, embedder, &opts, &wopts, &|e| print_watch_event(e, json), cancel).await?;
             }
         }
         Command::Search { text, k, mode } => {
@@ -610,7 +634,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Serve { bind, token, roots, max_upload_mib } => {
+        Command::Serve { bind, token, roots, max_upload_mib, watch } => {
             let token = token.filter(|t| !t.trim().is_empty());
             if !bind.ip().is_loopback() && token.is_none() {
                 bail!("serving on {bind} (not loopback) needs an API token: pass --token TOKEN or set MAGPIE_TOKEN");
@@ -629,12 +653,31 @@ async fn run(cli: Cli) -> Result<()> {
             let loader: magpie_server::ChatLoader = Arc::new(move || {
                 load_blip2(&gl).map(|m| m as Arc<dyn magpie_server::ChatModel>).map_err(|e| format!("{e:#}"))
             });
+            if watch && canonical.is_empty() {
+                bail!("--watch follows the --root folders: give at least one --root DIR");
+            }
             let config = magpie_server::ServerConfig {
                 token,
-                roots: canonical,
+                roots: canonical.clone(),
                 body_limit: max_upload_mib.max(1) << 20,
                 ..Default::default()
             };
+            let stop_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watcher = watch.then(|| {
+                let (lib, clip, stop) = (lib.clone(), clip.clone(), stop_watch.clone());
+                let opts = config.index.clone();
+                tokio::spawn(async move {
+                    let embedder: Arc<dyn ImageEmbedder> = clip;
+                    let wopts = magpie_engine::WatchOptions::default();
+                    // Catch up with what changed while the server was down, then follow.
+                    if let Err(e) = lib.index_cancellable(&canonical, embedder.clone(), &opts, &|_| {}, stop.clone()).await {
+                        eprintln!("error: indexing {}: {e}", canonical.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+                    }
+                    if let Err(e) = lib.watch(&canonical, embedder, &opts, &wopts, &|e| print_watch_event(e, false), stop).await {
+                        eprintln!("error: watching: {e}");
+                    }
+                })
+            });
             let state = magpie_server::AppState::new(lib, clip, g.caption_model.clone(), loader, config);
             let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("listening on {bind}"))?;
             let addr = listener.local_addr()?;
@@ -645,7 +688,11 @@ async fn run(cli: Cli) -> Result<()> {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await?;
+            stop_watch.store(true, std::sync::atomic::Ordering::SeqCst);
             state.cancel_jobs().await;
+            if let Some(w) = watcher {
+                let _ = w.await;
+            }
         }
         Command::Reindex => {
             let dir = data_dir(&g)?;
@@ -699,6 +746,34 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line per watch event: on stderr for people, JSON lines on stdout with --json.
+fn print_watch_event(e: &magpie_engine::WatchEvent, json: bool) {
+    use magpie_engine::WatchEvent::*;
+    if json {
+        let v = match e {
+            Watching { roots } => serde_json::json!({"event": "watching", "roots": roots}),
+            Polling { reason, every } => serde_json::json!({"event": "polling", "reason": reason, "every_seconds": every.as_secs()}),
+            Indexed { paths, rescan, report } => serde_json::json!({"event": "indexed", "paths": paths, "rescan": rescan, "report": report}),
+            Failed { message } => serde_json::json!({"event": "failed", "message": message}),
+        };
+        println!("{v}");
+        return;
+    }
+    match e {
+        Watching { roots } => eprintln!("watching {} folder(s) for changes (Ctrl-C stops)", roots.len()),
+        Polling { reason, every } => eprintln!("note: {reason}; rescanning every {} s instead", every.as_secs()),
+        Indexed { report: r, .. } => {
+            if r.added + r.updated + r.deleted + r.failed.len() as u64 > 0 {
+                eprintln!("{} new, {} updated, {} removed, {} moved, {} failed", r.added, r.updated, r.deleted, r.moved, r.failed.len());
+                for (p, why) in &r.failed {
+                    eprintln!("  {}: {why}", p.display());
+                }
+            }
+        }
+        Failed { message } => eprintln!("error: {message}"),
+    }
 }
 
 /// Whether the user chose the CLIP model (`--model` or `MAGPIE_MODEL`) rather than taking

@@ -238,3 +238,56 @@ fn reindex_with_another_model_switches_the_library() {
     let again = json(data.path(), &["--model", &b, "reindex"]);
     assert_eq!(again["vectors"].as_u64(), Some(n as u64));
 }
+
+#[test]
+fn index_watch_follows_new_and_deleted_files() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let photos = photo_folder();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_magpie"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--model", &model(), "--json", "index", "--watch"])
+        .arg(photos.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+            }
+        }
+        panic!("no {what} event");
+    };
+    wait_for("watching", &|v| v["event"] == "watching");
+    std::fs::copy(root().join("tests/fixtures/photos/rocket.jpg"), photos.path().join("rocket-2.jpg")).unwrap();
+    let e = wait_for("indexed (new)", &|v| v["event"] == "indexed" && v["report"]["added"] == 1);
+    assert_eq!(e["rescan"], false);
+    std::fs::remove_file(photos.path().join("chelsea.png")).unwrap();
+    wait_for("indexed (removed)", &|v| v["event"] == "indexed" && v["report"]["deleted"] == 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = json(data.path(), &["status"]);
+    let n_images = std::fs::read_dir(root().join("tests/fixtures/photos")).unwrap().filter(|e| {
+        let p = e.as_ref().unwrap().path();
+        p.extension().is_some_and(|x| x == "png" || x == "jpg")
+    }).count();
+    assert_eq!(status["counts"]["indexed"].as_u64(), Some(n_images as u64), "{status}");
+}

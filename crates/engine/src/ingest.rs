@@ -74,6 +74,9 @@ pub struct IndexReport {
     pub deleted: u64,
     /// Non-image files without an image extension, skipped silently.
     pub ignored: u64,
+    /// New files that took over the caption, labels or conversations of a retired file
+    /// with the same content (moved or renamed files).
+    pub moved: u64,
     /// Files (or folders) that could not be indexed, with the reason.
     pub failed: Vec<(PathBuf, String)>,
     pub elapsed: Duration,
@@ -439,6 +442,106 @@ impl Library {
                 .filter(|k| !walk_errors.iter().any(|(p, _): &(PathBuf, String)| p.is_dir() && k.path.starts_with(p)))
                 .map(|k| k.id),
         );
+        self.process(report, cands, deleted, walk_errors, embedder, opts, progress, cancel, start).await
+    }
+
+    /// Indexes only `paths` (what file-system events named) under `roots`: a path that
+    /// is a file is checked against what the library knows (new or changed: embedded), a
+    /// folder is walked (a folder moved in), a path that no longer exists retires what
+    /// the library had there (a file, or everything under a folder moved away). Paths
+    /// outside `roots` are ignored. The rest of the tree is not walked.
+    pub async fn index_paths(
+        &self,
+        roots: &[PathBuf],
+        paths: &[PathBuf],
+        embedder: Arc<dyn ImageEmbedder>,
+        opts: &IndexOptions,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<IndexReport> {
+        if embedder.model() != &self.model {
+            return Err(Error::Model(magpie_core::Error::ModelMismatch {
+                expected: self.model.id.clone(),
+                got: embedder.model().id.clone(),
+            }));
+        }
+        let start = Instant::now();
+        let mut walked = Vec::with_capacity(roots.len());
+        for root in roots {
+            let root = std::fs::canonicalize(root).map_err(|e| Error::path(root, e))?;
+            let r = self.store.add_root(&root).await?;
+            walked.push((root, r.id));
+        }
+        let mut known: HashMap<PathBuf, FileState> = HashMap::new();
+        for r in self.store.roots().await? {
+            known.extend(self.store.files_under_root(r.id).await?.into_iter().map(|f| (f.path.clone(), f)));
+        }
+        // Outermost first, each once: a folder's walk covers the paths under it.
+        let mut todo: Vec<PathBuf> = paths.to_vec();
+        todo.sort();
+        todo.dedup();
+        let mut kept: Vec<PathBuf> = Vec::new();
+        for p in todo {
+            if !kept.iter().any(|k| p.starts_with(k) && k.is_dir()) {
+                kept.push(p);
+            }
+        }
+        let (report, cands, deleted, walk_errors) = tokio::task::spawn_blocking(move || {
+            let mut report = IndexReport::default();
+            let (mut cands, mut deleted, mut walk_errors) = (Vec::new(), Vec::new(), Vec::new());
+            let mut seen = std::collections::HashSet::new();
+            for p in kept {
+                let Some((root, rid)) = walked.iter().filter(|(r, _)| p.starts_with(r)).max_by_key(|(r, _)| r.as_os_str().len())
+                else {
+                    continue;
+                };
+                let exists = std::fs::metadata(&p).is_ok();
+                if exists {
+                    let before = walk_errors.len();
+                    walk_root(&p, *rid, &known, &mut report, &mut cands, &mut seen, &mut walk_errors);
+                    let unreadable: Vec<PathBuf> = walk_errors[before..].iter().map(|(e, _): &(PathBuf, String)| e.clone()).collect();
+                    // Known files under a walked folder that the walk did not see are gone.
+                    deleted.extend(
+                        known
+                            .values()
+                            .filter(|k| k.status != FileStatus::Deleted && k.path.starts_with(&p) && !seen.contains(&k.path))
+                            .filter(|k| !unreadable.iter().any(|u| u.is_dir() && k.path.starts_with(u)))
+                            .map(|k| k.id),
+                    );
+                } else {
+                    // Gone: a file, or a folder and everything the library had under it.
+                    deleted.extend(
+                        known
+                            .values()
+                            .filter(|k| k.status != FileStatus::Deleted && (k.path == p || k.path.starts_with(&p)))
+                            .filter(|k| k.path.starts_with(root))
+                            .map(|k| k.id),
+                    );
+                }
+            }
+            deleted.sort_unstable();
+            deleted.dedup();
+            (report, cands, deleted, walk_errors)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
+        self.process(report, cands, deleted, walk_errors, embedder, opts, &|_| {}, cancel, start).await
+    }
+
+    /// The second half of an index run: records walk errors, retires `deleted`, then
+    /// decodes, embeds and commits `cands`.
+    #[allow(clippy::too_many_arguments)]
+    async fn process(
+        &self,
+        mut report: IndexReport,
+        cands: Vec<Candidate>,
+        deleted: Vec<magpie_core::ImageId>,
+        walk_errors: Vec<(PathBuf, String)>,
+        embedder: Arc<dyn ImageEmbedder>,
+        opts: &IndexOptions,
+        progress: &(dyn Fn(&Progress) + Sync),
+        cancel: Arc<AtomicBool>,
+        start: Instant,
+    ) -> Result<IndexReport> {
         for (path, msg) in walk_errors {
             self.store.log_failure(&path, &msg).await?;
             report.failed.push((path, msg));
@@ -481,6 +584,18 @@ impl Library {
                         let mut ix = self.index.write().expect("index lock");
                         ix.insert(&items)?;
                         ix.set_generation(committed.generation);
+                    }
+                    // A new file with the content of a retired one is that file moved:
+                    // its caption, labels and conversations follow it.
+                    for ((id, f), was) in committed.ids.iter().zip(&files).zip(&existing) {
+                        if *was {
+                            continue;
+                        }
+                        if let Some(old) = self.store.tombstone_by_hash(&f.content_hash).await? {
+                            if self.store.adopt_annotations(old, *id).await?.any() {
+                                report.moved += 1;
+                            }
+                        }
                     }
                     self.refresh_text(&committed.ids).await?;
                     drop(text_guard);

@@ -28,6 +28,7 @@ mod library;
 mod model_switch;
 mod query;
 mod search;
+mod watch;
 
 pub use caption::{caption_file, CaptionOptions, CaptionProgress, CaptionReport};
 pub use chat::{chat_prompt, ChatHistory};
@@ -35,6 +36,7 @@ pub use classify::{Classes, Classification, ClassifyReport, DEFAULT_TEMPLATE, MA
 pub use duplicates::{DuplicateFile, Duplicates, ExactGroup, NearGroup, DEFAULT_NEAR_THRESHOLD};
 pub use images::THUMBNAIL_SIDES;
 pub use model_switch::SwitchReport;
+pub use watch::{WatchEvent, WatchOptions};
 pub use query::{Page, Query, SearchFilter, SortOrder, MAX_DEPTH, NEGATIVE_WEIGHT};
 pub use error::{Error, Result};
 pub use ingest::{IndexOptions, IndexReport, Progress};
