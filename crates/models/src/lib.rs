@@ -28,6 +28,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bf16_gemm;
 pub mod blip2;
 pub mod clip;
 mod device;
@@ -37,6 +38,6 @@ mod nn;
 pub mod preprocess;
 
 pub use blip2::Blip2;
-pub use clip::Clip;
+pub use clip::{Clip, ClipPrecision};
 pub use device::{cuda_compiled, select_device};
 pub use error::{Error, Result};

@@ -357,7 +357,9 @@ fn quantized_language_model_stays_close() {
         // tiny-a); measured q8_0: ≤ 2.8e-2 on tiny-a, ≤ 5.1e-3 on tiny-b.
         ("tiny-a", Precision::Q8_0, 1e-5, 0.06),
         ("tiny-b", Precision::Q8_0, 1e-5, 0.06),
-        ("tiny-a", Precision::Q4K, 0.0, TOL),
+        // No layer fits q4_k's blocks; only the vision encoder's BF16 kernel (on CPUs
+        // that have one) makes it differ from f32.
+        ("tiny-a", Precision::Q4K, 0.0, if magpie_models::bf16_gemm::available() { 0.03 } else { TOL }),
     ] {
         let blip = Blip2::from_dir_with(&model_dir(name), magpie_core::Device::Cpu, precision).unwrap();
         assert_eq!(blip.precision(), precision);
@@ -382,7 +384,7 @@ fn quantized_language_model_stays_close() {
             )
             .unwrap();
         assert_eq!(out.len(), 12);
-        if precision == Precision::Q4K {
+        if precision == Precision::Q4K && !magpie_models::bf16_gemm::available() {
             assert_eq!(out, ids(&case["greedy_new_tokens"])[..12], "{name}: unquantized layers must match f32");
         }
     }

@@ -6,7 +6,7 @@
 
 use super::config::VisionConfig;
 use crate::clip::config::Activation;
-use crate::nn::{attention, LayerNorm, Linear};
+use crate::nn::{attention, bf16_if_enabled, LayerNorm, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -85,8 +85,8 @@ impl Attention {
         };
         let head_dim = h / c.num_attention_heads;
         Ok(Self {
-            qkv: Linear::from_weight(&w, bias)?,
-            projection: Linear::new(h, h, true, vb.pp("projection"))?,
+            qkv: bf16_if_enabled(Linear::from_weight(&w, bias)?)?,
+            projection: bf16_if_enabled(Linear::new(h, h, true, vb.pp("projection"))?)?,
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -115,8 +115,8 @@ struct Mlp {
 impl Mlp {
     fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(c.hidden_size, c.intermediate_size, true, vb.pp("fc1"))?,
-            fc2: Linear::new(c.intermediate_size, c.hidden_size, true, vb.pp("fc2"))?,
+            fc1: bf16_if_enabled(Linear::new(c.hidden_size, c.intermediate_size, true, vb.pp("fc1"))?)?,
+            fc2: bf16_if_enabled(Linear::new(c.intermediate_size, c.hidden_size, true, vb.pp("fc2"))?)?,
             act: c.hidden_act,
         })
     }

@@ -8,6 +8,7 @@ mod ops;
 pub use config::ClipConfig;
 pub use model::ClipModel;
 
+
 use crate::loader::{self, parse_json, read_json, CheckedWeights, ModelDir};
 use crate::preprocess::ProcessorConfig;
 use crate::{Error, Result};
@@ -27,17 +28,54 @@ pub struct Clip {
     tokenizer: Tokenizer,
     processor: ProcessorConfig,
     device: candle_core::Device,
+    bf16: bool,
+}
+
+/// How CLIP's transformer layers compute on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClipPrecision {
+    /// BF16 where the CPU has AVX-512 BF16 dot products, else f32.
+    #[default]
+    Auto,
+    /// f32 throughout: the reference.
+    F32,
+    /// The attention and MLP linear layers on the BF16 dot-product kernel (activations and
+    /// weights rounded to bf16, f32 accumulation); embeddings, LayerNorms, softmax and the
+    /// projections stay f32. Falls back to f32 where the CPU lacks the instructions.
+    Bf16,
+}
+
+impl std::str::FromStr for ClipPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!("unknown precision `{other}` (auto, f32 or bf16)")),
+        }
+    }
 }
 
 impl Clip {
-    /// Loads `model` (a local directory or a hub id) onto `device`.
+    /// Loads `model` (a local directory or a hub id) onto `device`, in f32.
     pub fn load(model: &str, device: magpie_core::Device) -> Result<Self> {
+        Self::load_with(model, device, ClipPrecision::F32)
+    }
+
+    /// Loads `model` onto `device` in `precision`.
+    pub fn load_with(model: &str, device: magpie_core::Device, precision: ClipPrecision) -> Result<Self> {
         let dir = loader::resolve(model, &REQUIRED_FILES, &[])?;
-        Self::from_dir(&dir, device)
+        Self::from_dir_with(&dir, device, precision)
     }
 
     pub fn from_dir(dir: &ModelDir, device: magpie_core::Device) -> Result<Self> {
+        Self::from_dir_with(dir, device, ClipPrecision::F32)
+    }
+
+    pub fn from_dir_with(dir: &ModelDir, device: magpie_core::Device, precision: ClipPrecision) -> Result<Self> {
         let device = crate::select_device(device)?;
+        let bf16 = precision != ClipPrecision::F32 && device.is_cpu() && crate::bf16_gemm::available();
         let config_path = dir.file("config.json");
         let config: ClipConfig = parse_json(&config_path, read_json(&config_path)?)?;
         config.validate().map_err(|message| Error::Config { path: config_path.clone(), message })?;
@@ -52,11 +90,23 @@ impl Clip {
         }
         let tokenizer = load_tokenizer(&dir.file("tokenizer.json"), config.text_config.max_position_embeddings)?;
         let weights = CheckedWeights::open(&dir.weight_files()?)?;
-        let model = ClipModel::new(&config, weights.var_builder(DType::F32, &device)).map_err(|e| weights.wrap(e))?;
+        let model = {
+            let _scope = crate::nn::Bf16Scope::enter(bf16);
+            ClipModel::new(&config, weights.var_builder(DType::F32, &device)).map_err(|e| weights.wrap(e))?
+        };
         // Buffers that old checkpoints carry and the model does not need.
         weights.ensure_all_used(&|n| n.ends_with("position_ids"))?;
         let info = ModelInfo { id: loader::model_id(dir), dim: config.projection_dim };
-        Ok(Self { info, model, config, tokenizer, processor, device })
+        Ok(Self { info, model, config, tokenizer, processor, device, bf16 })
+    }
+
+    /// `"bf16"` when the transformer layers run on the BF16 kernel, else `"f32"`.
+    pub fn precision(&self) -> &'static str {
+        if self.bf16 {
+            "bf16"
+        } else {
+            "f32"
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 pub use crate::nn::Linear;
+use crate::nn::bf16_if_enabled;
 
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -63,9 +64,15 @@ struct Attention {
 impl Attention {
     fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
         let lin = |n: &str| Linear::new(d.hidden, d.hidden, true, vb.pp(n));
-        let qkv = Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?;
+        let qkv = bf16_if_enabled(Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?)?;
         let head_dim = d.hidden / d.heads;
-        Ok(Self { qkv, out_proj: lin("out_proj")?, heads: d.heads, head_dim, scale: (head_dim as f64).powf(-0.5) })
+        Ok(Self {
+            qkv,
+            out_proj: bf16_if_enabled(lin("out_proj")?)?,
+            heads: d.heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        })
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
@@ -95,8 +102,8 @@ struct Mlp {
 impl Mlp {
     fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(d.hidden, d.intermediate, true, vb.pp("fc1"))?,
-            fc2: Linear::new(d.intermediate, d.hidden, true, vb.pp("fc2"))?,
+            fc1: bf16_if_enabled(Linear::new(d.hidden, d.intermediate, true, vb.pp("fc1"))?)?,
+            fc2: bf16_if_enabled(Linear::new(d.intermediate, d.hidden, true, vb.pp("fc2"))?)?,
             act: d.act,
         })
     }

@@ -1,0 +1,932 @@
+//! BF16 dot-product GEMM for x86-64 CPUs with AVX512_BF16: `y = x · W (+ bias)`.
+//!
+//! Made for the linear layers of the vision transformers: `x` is an M × K matrix of f32
+//! activations (row-major), `W` a K × N weight known at load time, `y` an M × N f32
+//! matrix. `vdpbf16ps` multiplies pairs of bf16 values and adds both products into an f32
+//! lane, so it does twice the work of an f32 FMA per instruction; on Zen 5 that is about
+//! 1 TFLOP/s on two cores against about 0.5 for f32 FMA.
+//!
+//! # Numbers
+//!
+//! Activations are rounded to bf16 (round to nearest even, `vcvtne2ps2bf16`) once per
+//! call, weights once at [`PackedB::pack`]; products are exact in f32 and accumulated in
+//! f32. The relative error of a dot product is thus that of rounding the inputs to 8
+//! significant bits, about 3e-3 over random data, independent of K. The bias is the
+//! accumulators' starting value.
+//!
+//! # Layouts
+//!
+//! `vdpbf16ps acc, a, b` computes, in each 32-bit lane `i`,
+//! `acc[i] += a.hi[i] * b.hi[i]` then `acc[i] += a.lo[i] * b.lo[i]` (two f32 roundings),
+//! where `lo`/`hi` are the two bf16 halves of the lane. A lane therefore holds two
+//! consecutive-k values ("a k pair"), and both operands must agree on that pairing:
+//!
+//! * A (activations), converted per call: row-major `M × ⌈K/2⌉` u32 words, word `p` of row
+//!   `i` = `bf16(x[i][2p]) | bf16(x[i][2p+1]) << 16`. That is just the bf16 row itself, so
+//!   the conversion is a streaming `vcvtne2ps2bf16`, no transposition. An odd K gets a zero
+//!   in the last high half. Rows are padded to an odd number of cache lines (so that the
+//!   kernel's rows do not all map to the same L1 sets when K·2 bytes is a multiple of
+//!   4 KiB, as for K = 6144). The buffer is kept per calling thread between calls.
+//! * B (weights), packed once: column panels of [`NR`] columns; inside a panel, for each k
+//!   pair `p`, the [`NR`] words `bf16(W[2p][j]) | bf16(W[2p+1][j]) << 16`, j over the
+//!   panel's columns. Panel after panel, each `⌈K/2⌉ · NR` words, 64-byte aligned; the
+//!   columns past N are zero.
+//!
+//! # Algorithm
+//!
+//! The micro-kernel keeps an `MR × NR` = 6 × 64 tile of C in 24 zmm accumulators. For each
+//! k pair it loads the panel's 4 vectors of B and, for each of the 6 rows, broadcasts the
+//! row's A word and issues 4 `vdpbf16ps`: 10 loads per 24 dot-products, 29 of the 32
+//! registers, and 24 independent accumulation chains, enough to cover the instruction's
+//! latency at 2 per cycle. Row counts below 6 (the last tile of a task) get their own
+//! instances of the kernel, so no row is computed in vain; columns past N are computed on
+//! the zero padding and not stored. 64 columns divide every width of the CLIP and BLIP-2
+//! vision towers (768, 1024, 1408, 2304, 3072, 4096, 4224, 6144).
+//!
+//! Around it, Goto-style loops. The output is cut into a grid of tasks (row groups ×
+//! panel groups, at most about `mc` × `nc`, at least 4 per thread so that rayon's
+//! stealing evens out the threads, also for M = 1); each task owns its part of C. Inside a
+//! task, K is cut into blocks of `kc` = 512 pairs; per block, the loop runs over the
+//! task's panels and, inside, over its row tiles: the A micro-panel (6 rows × 2 KiB) sits
+//! in L1, the panel's B block (128 KiB) is reused from L2 by every row tile, the task's A
+//! block from L2/L3. C is loaded and stored once per K block, so blocks much smaller than
+//! 512 pairs (a B block that fits L1) measured slower, not faster.
+//!
+//! On a 2-core Zen 5 this runs at 0.93–1.0 TFLOP/s for the ViT shapes (x · W of
+//! 800 × 768 · 768 × 3072 and the like), about 2.1× candle's f32 matmul; see
+//! `bench_gflops` in the tests.
+
+use rayon::prelude::*;
+
+/// Columns of a packed B panel, and of the micro-kernel's tile: 4 zmm vectors.
+pub const NR: usize = NV * 16;
+/// zmm vectors across the micro-tile.
+const NV: usize = 4;
+/// Rows of the micro-kernel's tile.
+const MR: usize = 6;
+
+/// Whether this CPU runs [`gemm`]: x86-64 with AVX-512 F, BW and BF16.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Round an f32 to bf16, nearest even (the rounding of `vcvtne2ps2bf16` for finite,
+/// normal values; NaNs stay NaNs).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16; // quiet, keeps the sign
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// The f32 value of a bf16.
+pub fn bf16_to_f32(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// 64 bytes, so that the packed weights start on a cache line (the micro-kernel's B loads
+/// then never straddle two lines).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// A K × N weight in bf16, in the micro-kernel's layout (see the module docs).
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    /// Columns per panel (a multiple of 16).
+    nr: usize,
+    /// ⌈K/2⌉: the k pairs of one panel column.
+    kp: usize,
+    /// ⌈N/nr⌉ panels of `kp · nr` words.
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedB").field("k", &self.k).field("n", &self.n).field("nr", &self.nr).finish()
+    }
+}
+
+impl PackedB {
+    /// Pack `w`, K × N row-major (the transpose of PyTorch's `Linear.weight`).
+    pub fn pack(w: &[f32], k: usize, n: usize) -> PackedB {
+        assert_eq!(
+            w.len(),
+            k * n,
+            "bf16_gemm::PackedB::pack: w has {} values, not K·N = {k}·{n}",
+            w.len()
+        );
+        Self::pack_with(k, n, NR, |kk, j| w[kk * n + j])
+    }
+
+    /// Pack `w_nk`, N × K row-major: PyTorch's `Linear.weight` (out × in) as stored.
+    pub fn pack_transposed(w_nk: &[f32], n: usize, k: usize) -> PackedB {
+        assert_eq!(
+            w_nk.len(),
+            k * n,
+            "bf16_gemm::PackedB::pack_transposed: w has {} values, not N·K = {n}·{k}",
+            w_nk.len()
+        );
+        Self::pack_with(k, n, NR, |kk, j| w_nk[j * k + kk])
+    }
+
+    fn pack_with(k: usize, n: usize, nr: usize, w: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
+        assert!(nr.is_multiple_of(16));
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(nr);
+        let panel_words = kp * nr; // a multiple of 16
+        let mut data = vec![Line([0; 16]); panels * panel_words / 16];
+        let get = |kk: usize, j: usize| {
+            if kk < k && j < n {
+                f32_to_bf16(w(kk, j)) as u32
+            } else {
+                0
+            }
+        };
+        data.par_chunks_mut((panel_words / 16).max(1))
+            .enumerate()
+            .for_each(|(jp, panel)| {
+                let words = lines_as_words_mut(panel);
+                for p in 0..kp {
+                    for jj in 0..nr {
+                        let j = jp * nr + jj;
+                        words[p * nr + jj] = get(2 * p, j) | get(2 * p + 1, j) << 16;
+                    }
+                }
+            });
+        PackedB { k, n, nr, kp, data }
+    }
+
+    /// K, the inner dimension.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// N, the output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The words of panel `jp`.
+    fn panel(&self, jp: usize) -> &[u32] {
+        let len = self.kp * self.nr;
+        &lines_as_words(&self.data)[jp * len..(jp + 1) * len]
+    }
+}
+
+fn lines_as_words(lines: &[Line]) -> &[u32] {
+    // SAFETY: Line is 16 u32 with no padding.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u32, lines.len() * 16) }
+}
+
+fn lines_as_words_mut(lines: &mut [Line]) -> &mut [u32] {
+    // SAFETY: Line is 16 u32 with no padding.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) }
+}
+
+/// `c = a · b (+ bias)`: `a` is M × K row-major f32, `b` the packed K × N weight, `bias`
+/// N values added to every row, `c` M × N row-major, overwritten. Runs on rayon's pool.
+///
+/// Panics if the shapes disagree or the CPU lacks the instructions ([`available`]).
+pub fn gemm(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(
+        a.len(),
+        m * k,
+        "bf16_gemm::gemm: a has {} values, not M·K = {m}·{k}",
+        a.len()
+    );
+    assert_eq!(
+        c.len(),
+        m * n,
+        "bf16_gemm::gemm: c has {} values, not M·N = {m}·{n}",
+        c.len()
+    );
+    if let Some(bias) = bias {
+        assert_eq!(
+            bias.len(),
+            n,
+            "bf16_gemm::gemm: bias has {} values, not N = {n}",
+            bias.len()
+        );
+    }
+    assert!(
+        available(),
+        "bf16_gemm::gemm needs AVX-512 F, BW and BF16 (check bf16_gemm::available())"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU features were just checked.
+    unsafe {
+        x86::gemm::<MR, NV>(a, m, b, bias, c, &x86::Blocking::default())
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Cache blocking of one call; see the module docs.
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct Blocking {
+        /// k pairs per K block.
+        pub kc: usize,
+        /// Rows per task (rounded to the micro-tile).
+        pub mc: usize,
+        /// Columns per task (rounded to the panels).
+        pub nc: usize,
+        /// At least this many tasks per thread, when the shape allows.
+        pub tasks_per_thread: usize,
+    }
+
+    impl Default for Blocking {
+        fn default() -> Self {
+            Blocking {
+                kc: 512,
+                mc: 512,
+                nc: 192,
+                tasks_per_thread: 4,
+            }
+        }
+    }
+
+    /// A pointer that may cross threads: the tasks write disjoint tiles of C.
+    #[derive(Clone, Copy)]
+    struct SendPtr(*mut f32);
+    unsafe impl Send for SendPtr {}
+    unsafe impl Sync for SendPtr {}
+    impl SendPtr {
+        /// (A method, so that closures capture the whole Send wrapper, not the raw field.)
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// How the micro-kernel starts its accumulators.
+    #[derive(Clone, Copy)]
+    enum Init {
+        Zero,
+        /// From the bias (pointer to the tile's first column).
+        Bias(*const f32),
+        /// From C (a later K block).
+        Load,
+    }
+
+    /// [`super::gemm`] with a given micro-tile and blocking; shapes already checked.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16 ([`available`]).
+    pub(super) unsafe fn gemm<const MR: usize, const NV: usize>(
+        a: &[f32],
+        m: usize,
+        b: &PackedB,
+        bias: Option<&[f32]>,
+        c: &mut [f32],
+        blk: &Blocking,
+    ) {
+        let (k, n, kp) = (b.k, b.n, b.kp);
+        let nr = NV * 16;
+        assert_eq!(
+            b.nr, nr,
+            "bf16_gemm: B packed for {}-column panels, kernel wants {nr}",
+            b.nr
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            for row in c.chunks_mut(n) {
+                match bias {
+                    Some(bias) => row.copy_from_slice(bias),
+                    None => row.fill(0.0),
+                }
+            }
+            return;
+        }
+
+        // A in bf16, row-major pairs. Rows are padded to whole cache lines, and to an odd
+        // number of them: with rows a multiple of 4 KiB apart (K = 6144), the micro-kernel's
+        // rows would all fall into the same L1 sets.
+        let lda = kp.next_multiple_of(16) | 16;
+        let mut scratch = SCRATCH.take();
+        if scratch.len() < m * lda / 16 {
+            scratch = vec![Line([0; 16]); m * lda / 16];
+        }
+        let abuf = &mut scratch[..m * lda / 16];
+        let rows_per_chunk = (4096 / lda).clamp(1, m.div_ceil(2).max(1));
+        abuf.par_chunks_mut(rows_per_chunk * lda / 16)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let words = lines_as_words_mut(chunk);
+                for (ri, row) in words.chunks_mut(lda).enumerate() {
+                    let i = ci * rows_per_chunk + ri;
+                    // SAFETY: the caller vouches for the CPU features.
+                    unsafe { convert_row(&a[i * k..(i + 1) * k], row) };
+                }
+            });
+        let abf = lines_as_words(abuf);
+
+        // Tasks: a grid of row groups × panel groups, as even as whole micro-tiles allow,
+        // at most about mc × nc each, and at least `tasks_per_thread` per thread so that
+        // rayon can even out the threads (and a busy core) by stealing.
+        let kc = blk.kc.max(1);
+        let (rt, pn) = (m.div_ceil(MR), n.div_ceil(nr));
+        let mut mt = rt.div_ceil((blk.mc / MR).max(1));
+        let mut nt = pn.div_ceil((blk.nc / nr).max(1));
+        let want = rayon::current_num_threads() * blk.tasks_per_thread;
+        while mt * nt < want && (mt < rt || nt < pn) {
+            // Split the longer side (in micro-tiles) further.
+            if nt < pn && (mt >= rt || pn / nt >= rt / mt) {
+                nt += 1;
+            } else {
+                mt += 1;
+            }
+        }
+        let cptr = SendPtr(c.as_mut_ptr());
+        let bias = bias.map(|b| b.as_ptr() as usize);
+        (0..mt * nt).into_par_iter().for_each(|t| {
+            let (g, h) = (t / nt, t % nt);
+            let rows = (g * rt / mt * MR, ((g + 1) * rt / mt * MR).min(m));
+            let panels = (h * pn / nt, (h + 1) * pn / nt);
+            // SAFETY: the caller vouches for the CPU features; the task writes its rows × panels of C
+            // only, which no other task touches.
+            unsafe {
+                task::<MR, NV>(
+                    abf,
+                    lda,
+                    b,
+                    bias.map(|p| p as *const f32),
+                    cptr.get(),
+                    n,
+                    rows,
+                    panels,
+                    kc,
+                )
+            };
+        });
+        if scratch.len() * 64 <= SCRATCH_KEEP {
+            SCRATCH.set(scratch);
+        }
+    }
+
+    /// At most this many bytes of converted activations stay allocated per calling thread
+    /// between calls (M·K·2: 800 × 3072 is 4.9 MB).
+    const SCRATCH_KEEP: usize = 64 << 20;
+
+    thread_local! {
+        /// The converted activations of the last call, kept for the next one: allocating
+        /// megabytes per call costs page faults. Taken while in use, so a nested call (a
+        /// rayon task of this thread calling gemm) just allocates its own.
+        static SCRATCH: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    /// One task: C[rows, panels] over all of K.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn task<const MR: usize, const NV: usize>(
+        abf: &[u32],
+        lda: usize,
+        b: &PackedB,
+        bias: Option<*const f32>,
+        c: *mut f32,
+        ldc: usize,
+        (m0, m1): (usize, usize),
+        (p0, p1): (usize, usize),
+        kc: usize,
+    ) {
+        const { assert!(MR <= 8, "tail_kernel covers up to 7 rows") };
+        let (nr, kp, n) = (NV * 16, b.kp, b.n);
+        let mut k0 = 0;
+        while k0 < kp {
+            let kn = kc.min(kp - k0);
+            for jp in p0..p1 {
+                let bp = b.panel(jp).as_ptr().add(k0 * nr);
+                let j = jp * nr;
+                let cols = nr.min(n - j);
+                let init = match (k0, bias) {
+                    (0, Some(bias)) => Init::Bias(bias.add(j)),
+                    (0, None) => Init::Zero,
+                    _ => Init::Load,
+                };
+                let mut i = m0;
+                while i < m1 {
+                    let rows = MR.min(m1 - i);
+                    let ap = abf.as_ptr().add(i * lda + k0);
+                    let cp = c.add(i * ldc + j);
+                    if rows == MR {
+                        kernel::<MR, NV>(kn, ap, lda, bp, cp, ldc, cols, init);
+                    } else {
+                        tail_kernel::<NV>(rows, kn, ap, lda, bp, cp, ldc, cols, init);
+                    }
+                    i += MR;
+                }
+            }
+            k0 += kn;
+        }
+    }
+
+    /// The micro-kernel for fewer rows than MR (the last row tile): one instance per
+    /// row count, so no row is computed in vain.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn tail_kernel<const NV: usize>(
+        rows: usize,
+        kn: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        init: Init,
+    ) {
+        match rows {
+            1 => kernel::<1, NV>(kn, a, lda, b, c, ldc, cols, init),
+            2 => kernel::<2, NV>(kn, a, lda, b, c, ldc, cols, init),
+            3 => kernel::<3, NV>(kn, a, lda, b, c, ldc, cols, init),
+            4 => kernel::<4, NV>(kn, a, lda, b, c, ldc, cols, init),
+            5 => kernel::<5, NV>(kn, a, lda, b, c, ldc, cols, init),
+            6 => kernel::<6, NV>(kn, a, lda, b, c, ldc, cols, init),
+            7 => kernel::<7, NV>(kn, a, lda, b, c, ldc, cols, init),
+            _ => unreachable!("bf16_gemm: tail of {rows} rows"),
+        }
+    }
+
+    /// The micro-kernel: C[0..R, 0..cols] (=|+=) A[0..R, kn pairs] · B panel[kn pairs].
+    ///
+    /// `a` points at row 0's first pair (rows `lda` words apart), `b` at the panel's first
+    /// pair (`NV · 16` words per pair), `c` at the tile (rows `ldc` apart). `cols ≤ NV · 16`
+    /// columns are stored; the panel's padding columns are computed and dropped.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn kernel<const R: usize, const NV: usize>(
+        kn: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        init: Init,
+    ) {
+        let full = cols == NV * 16;
+        let mut mask = [0u16; NV];
+        for (v, mask) in mask.iter_mut().enumerate() {
+            let lanes = cols.saturating_sub(v * 16).min(16);
+            *mask = ((1u32 << lanes) - 1) as u16;
+        }
+
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        match init {
+            Init::Zero => {}
+            Init::Bias(bias) => {
+                for v in 0..NV {
+                    let x = if full {
+                        _mm512_loadu_ps(bias.add(v * 16))
+                    } else {
+                        _mm512_maskz_loadu_ps(mask[v], bias.add(v * 16))
+                    };
+                    for row in acc.iter_mut() {
+                        row[v] = x;
+                    }
+                }
+            }
+            Init::Load => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        let p = c.add(r * ldc + v * 16);
+                        *x = if full {
+                            _mm512_loadu_ps(p)
+                        } else {
+                            _mm512_maskz_loadu_ps(mask[v], p)
+                        };
+                    }
+                }
+            }
+        }
+
+        let mut ap = [a; R];
+        for (r, p) in ap.iter_mut().enumerate() {
+            *p = a.add(r * lda);
+        }
+        let mut bp = b;
+        for p in 0..kn {
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_si512(bp.add(v * 16) as *const __m512i);
+            }
+            for r in 0..R {
+                let av = bh(_mm512_set1_epi32(*ap[r].add(p) as i32));
+                for v in 0..NV {
+                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bh(bv[v]));
+                }
+            }
+            bp = bp.add(NV * 16);
+        }
+
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                let p = c.add(r * ldc + v * 16);
+                if full {
+                    _mm512_storeu_ps(p, *x);
+                } else {
+                    _mm512_mask_storeu_ps(p, mask[v], *x);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn bh(x: __m512i) -> __m512bh {
+        // SAFETY: both are 64 bytes of plain bits.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
+    }
+
+    /// One row of A to bf16 pairs: `out[p] = bf16(x[2p]) | bf16(x[2p+1]) << 16`, zeros past
+    /// the row's end (an odd K's last high half, and the row padding).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn convert_row(x: &[f32], out: &mut [u32]) {
+        let k = x.len();
+        debug_assert!(out.len() * 2 >= k && out.len().is_multiple_of(16));
+        let mut kk = 0;
+        let mut o = 0;
+        while kk + 32 <= k {
+            let lo = _mm512_loadu_ps(x.as_ptr().add(kk));
+            let hi = _mm512_loadu_ps(x.as_ptr().add(kk + 16));
+            // The second operand fills the low 16 bf16, so x[kk] lands in word o's low half.
+            let p = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(o) as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(p),
+            );
+            kk += 32;
+            o += 16;
+        }
+        while o < out.len() {
+            let left = k.saturating_sub(kk);
+            let mlo = mask16(left);
+            let mhi = mask16(left.saturating_sub(16));
+            let lo = _mm512_maskz_loadu_ps(mlo, x.as_ptr().add(kk.min(k)));
+            let hi = _mm512_maskz_loadu_ps(mhi, x.as_ptr().add((kk + 16).min(k)));
+            let p = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(o) as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(p),
+            );
+            kk += 32;
+            o += 16;
+        }
+    }
+
+    fn mask16(lanes: usize) -> u16 {
+        ((1u32 << lanes.min(16)) - 1) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*, uniform in [-1, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn f32(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.f32()).collect()
+        }
+    }
+
+    /// Rows `rows` of `a · w (+ bias)` in f64.
+    fn reference_f64(
+        a: &[f32],
+        rows: &[usize],
+        w: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; rows.len() * n];
+        for (ri, &i) in rows.iter().enumerate() {
+            let row = &mut c[ri * n..(ri + 1) * n];
+            if let Some(bias) = bias {
+                for (c, b) in row.iter_mut().zip(bias) {
+                    *c = *b as f64;
+                }
+            }
+            for kk in 0..k {
+                let x = a[i * k + kk] as f64;
+                for (c, w) in row.iter_mut().zip(&w[kk * n..(kk + 1) * n]) {
+                    *c += x * *w as f64;
+                }
+            }
+        }
+        c
+    }
+
+    /// What the hardware computes: bf16 inputs, and per k pair, `acc += hi·hi` then
+    /// `acc += lo·lo`, each rounded to f32 (the products are exact).
+    fn reference_bf16(
+        a: &[f32],
+        m: usize,
+        w: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let r = |x: f32| bf16_to_f32(f32_to_bf16(x));
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = bias.map_or(0.0, |b| b[j]);
+                for p in 0..k.div_ceil(2) {
+                    let (lo, hi) = (2 * p, 2 * p + 1);
+                    if hi < k {
+                        acc += r(a[i * k + hi]) * r(w[hi * n + j]);
+                    }
+                    acc += r(a[i * k + lo]) * r(w[lo * n + j]);
+                }
+                c[i * n + j] = acc;
+            }
+        }
+        c
+    }
+
+    fn rel_err(c: &[f32], reference: &[f64]) -> f64 {
+        let (mut num, mut den) = (0f64, 0f64);
+        for (c, r) in c.iter().zip(reference) {
+            num += (*c as f64 - r) * (*c as f64 - r);
+            den += r * r;
+        }
+        if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        }
+    }
+
+    #[test]
+    fn bf16_rounding() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up.
+        assert_eq!(f32_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        assert_eq!(f32_to_bf16(-2.5), 0xc020);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    #[test]
+    fn matches_f64_reference() {
+        if !available() {
+            eprintln!("bf16_gemm: no AVX512_BF16 here, test skipped");
+            return;
+        }
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut worst = 0f64;
+        for &m in &[1, 3, 50, 257, 800] {
+            for &k in &[1, 7, 64, 768, 1408] {
+                for &n in &[1, 17, 768, 3072] {
+                    let a = rng.vec(m * k);
+                    let w = rng.vec(k * n);
+                    let bias = rng.vec(n);
+                    let bias = (n % 2 == 1).then_some(&bias[..]);
+                    let b = PackedB::pack(&w, k, n);
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(&a, m, &b, bias, &mut c);
+                    // The reference is checked on some rows only, to keep debug builds quick:
+                    // the first and last few (the row tail) and one in the middle.
+                    let mut rows: Vec<usize> = (0..m.min(4))
+                        .chain(m.saturating_sub(7)..m)
+                        .chain([m / 2])
+                        .collect();
+                    rows.sort_unstable();
+                    rows.dedup();
+                    let got: Vec<f32> = rows
+                        .iter()
+                        .flat_map(|&i| c[i * n..(i + 1) * n].iter().copied())
+                        .collect();
+                    let err = rel_err(&got, &reference_f64(&a, &rows, &w, k, n, bias));
+                    assert!(err <= 1e-2, "M={m} K={k} N={n}: relative error {err}");
+                    worst = worst.max(err);
+                }
+            }
+        }
+        eprintln!("bf16_gemm: worst relative error {worst:.2e}");
+    }
+
+    #[test]
+    fn exact_against_scalar_bf16() {
+        if !available() {
+            eprintln!("bf16_gemm: no AVX512_BF16 here, test skipped");
+            return;
+        }
+        let mut rng = Rng(42);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 7, 17),
+            (9, 64, 50),
+            (17, 33, 100),
+            (8, 600, 48),
+            (13, 515, 97),
+            (50, 130, 200),
+            (7, 2100, 70),
+        ] {
+            for with_bias in [false, true] {
+                let a = rng.vec(m * k);
+                let w = rng.vec(k * n);
+                let bias = rng.vec(n);
+                let bias = with_bias.then_some(&bias[..]);
+                let b = PackedB::pack(&w, k, n);
+                let mut c = vec![f32::NAN; m * n];
+                gemm(&a, m, &b, bias, &mut c);
+                let r = reference_bf16(&a, m, &w, k, n, bias);
+                for (idx, (x, y)) in c.iter().zip(&r).enumerate() {
+                    assert_eq!(
+                        x.to_bits(),
+                        y.to_bits(),
+                        "M={m} K={k} N={n} bias={with_bias}: c[{idx}] {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blockings_agree() {
+        // Every blocking sums in the same order, so all must give the same bits.
+        if !available() {
+            eprintln!("bf16_gemm: no AVX512_BF16 here, test skipped");
+            return;
+        }
+        let (m, k, n) = (61, 1001, 211);
+        let mut rng = Rng(7);
+        let (a, w, bias) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n));
+        let b = PackedB::pack(&w, k, n);
+        let mut want = vec![0f32; m * n];
+        gemm(&a, m, &b, Some(&bias), &mut want);
+        for blk in [
+            (1, 8, 48, 1),
+            (7, 16, 96, 3),
+            (100, 24, 48, 8),
+            (500, 1000, 1000, 1),
+        ] {
+            let blk = x86::Blocking {
+                kc: blk.0,
+                mc: blk.1,
+                nc: blk.2,
+                tasks_per_thread: blk.3,
+            };
+            let mut c = vec![f32::NAN; m * n];
+            // SAFETY: available() was checked above.
+            unsafe { x86::gemm::<MR, NV>(&a, m, &b, Some(&bias), &mut c, &blk) };
+            assert!(
+                c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{blk:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn transposed_packing_and_edges() {
+        let (k, n) = (9, 20);
+        let mut rng = Rng(3);
+        let w = rng.vec(k * n);
+        let mut w_nk = vec![0f32; n * k];
+        for kk in 0..k {
+            for j in 0..n {
+                w_nk[j * k + kk] = w[kk * n + j];
+            }
+        }
+        let (b1, b2) = (
+            PackedB::pack(&w, k, n),
+            PackedB::pack_transposed(&w_nk, n, k),
+        );
+        assert_eq!(b1.data.len(), b2.data.len());
+        assert!(lines_as_words(&b1.data) == lines_as_words(&b2.data));
+        // Word p of column j: W[2p][j] low, W[2p+1][j] high; odd K and N padded with 0.
+        let words = b1.panel(0);
+        assert_eq!(
+            words[NR + 3],
+            f32_to_bf16(w[2 * n + 3]) as u32 | (f32_to_bf16(w[3 * n + 3]) as u32) << 16
+        );
+        assert_eq!(words[4 * NR + 3] >> 16, 0);
+        assert_eq!(words[NR + n], 0);
+        if !available() {
+            eprintln!("bf16_gemm: no AVX512_BF16 here, rest of the test skipped");
+            return;
+        }
+        // M = 0 and K = 0.
+        gemm(&[], 0, &b1, None, &mut []);
+        let b0 = PackedB::pack(&[], 0, n);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32).collect();
+        let mut c = vec![f32::NAN; 2 * n];
+        gemm(&[], 2, &b0, Some(&bias), &mut c);
+        assert_eq!(&c[n..], &bias[..]);
+    }
+
+    #[test]
+    #[should_panic(expected = "not M·K")]
+    fn shape_mismatch_panics() {
+        let b = PackedB::pack(&[0.0; 6], 2, 3);
+        gemm(&[0.0; 5], 2, &b, None, &mut [0.0; 6]);
+    }
+
+    /// Process CPU seconds (all threads).
+    fn cpu_seconds() -> f64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    }
+
+    /// GFLOP/s of the ViT shapes against candle's f32 matmul (gemm crate, AVX-512), on
+    /// rayon's pool: best wall-clock time, and "cpu", the flops per CPU second × threads,
+    /// which stays meaningful when other processes share the cores.
+    /// `cargo test -p magpie-models --release --lib bf16_gemm -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_gflops() {
+        if !available() {
+            eprintln!("bf16_gemm: no AVX512_BF16 here, bench skipped");
+            return;
+        }
+        use candle_core::{Device, Tensor};
+        use std::time::Instant;
+        let threads = rayon::current_num_threads();
+        let shapes = [
+            (800, 768, 3072),
+            (800, 3072, 768),
+            (257, 1408, 6144),
+            (257, 6144, 1408),
+            (50, 768, 2304),
+        ];
+        eprintln!(
+            "threads: {threads}; GFLOP/s, best of 20 (wall) | flops per CPU second × threads (cpu)"
+        );
+        eprintln!(
+            "{:>5} {:>5} {:>5}  {:>10} {:>10} {:>5}  {:>9} {:>9} {:>5}",
+            "M", "K", "N", "bf16 wall", "f32 wall", "ratio", "bf16 cpu", "f32 cpu", "ratio"
+        );
+        let mut rng = Rng(99);
+        for (m, k, n) in shapes {
+            let (a, w, bias) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n));
+            let b = PackedB::pack(&w, k, n);
+            let mut c = vec![0f32; m * n];
+            let ta = Tensor::from_slice(&a, (m, k), &Device::Cpu).unwrap();
+            let tw = Tensor::from_slice(&w, (k, n), &Device::Cpu).unwrap();
+            let flops = 2.0 * (m * k * n) as f64;
+            let reps = ((2e9 / flops) as usize).clamp(1, 50);
+            // [bf16, candle] × [wall, cpu]: best seconds per call. The two alternate so
+            // that load from elsewhere hits both alike.
+            let mut best = [[f64::MAX; 2]; 2];
+            for round in 0..21 {
+                for (which, best) in best.iter_mut().enumerate() {
+                    let (t, cpu) = (Instant::now(), cpu_seconds());
+                    for _ in 0..reps {
+                        if which == 0 {
+                            gemm(&a, m, &b, Some(&bias), &mut c);
+                        } else {
+                            std::hint::black_box(ta.matmul(&tw).unwrap());
+                        }
+                    }
+                    if round > 0 {
+                        // Round 0 warms up.
+                        best[0] = best[0].min(t.elapsed().as_secs_f64() / reps as f64);
+                        best[1] = best[1].min((cpu_seconds() - cpu) / threads as f64 / reps as f64);
+                    }
+                }
+            }
+            let g = |s: f64| flops / s / 1e9;
+            let (bw, fw, bc, fc) = (g(best[0][0]), g(best[1][0]), g(best[0][1]), g(best[1][1]));
+            eprintln!(
+                "{m:>5} {k:>5} {n:>5}  {bw:>10.1} {fw:>10.1} {:>5.2}  {bc:>9.1} {fc:>9.1} {:>5.2}",
+                bw / fw,
+                bc / fc
+            );
+        }
+    }
+}
