@@ -9,6 +9,7 @@ use crate::{Error, Result};
 use image::{DynamicImage, RgbImage};
 use magpie_core::Pixels;
 use serde::Deserialize;
+use std::ops::Range;
 use std::path::Path;
 
 /// A size as processor configs write it: an int, `{"shortest_edge": n}` or
@@ -134,7 +135,8 @@ impl ProcessorConfig {
             // An int `size` means the shortest edge for CLIP-style processors.
             SizeSpec::Square(n) | SizeSpec::Shortest { shortest_edge: n } => {
                 let (short, long) = if w <= h { (w, h) } else { (h, w) };
-                let new_long = ((n as u64 * long as u64) / short.max(1) as u64).max(1) as u32;
+                // Clamped rather than wrapped: a 20000000×1 strip would overflow u32.
+                let new_long = ((n as u64 * long as u64) / short.max(1) as u64).clamp(1, u32::MAX as u64) as u32;
                 if w <= h {
                     (new_long, n)
                 } else {
@@ -145,23 +147,37 @@ impl ProcessorConfig {
     }
 
     /// Runs the whole pipeline on a decoded image; returns normalised CHW values.
+    ///
+    /// With a centre crop, only the resized pixels inside the crop are computed: the
+    /// result is the same, but an extreme strip (4000000×1, whose shortest edge resized
+    /// to 224 would make an image 896000000 pixels wide) costs no more than a photo.
     pub fn preprocess(&self, image: &DynamicImage) -> Result<Pixels> {
         if image.width() == 0 || image.height() == 0 {
             return Err(Error::Preprocess("image has no pixels".into()));
         }
         let rgb = to_rgb(image);
-        let rgb = if self.do_resize {
-            let (h, w) = self.resize_target(rgb.height(), rgb.width());
-            resize(&rgb, w, h, self.filter().map_err(Error::Preprocess)?)
-        } else {
-            rgb
-        };
-        let (ch, cw) = if self.do_center_crop { exact(self.crop_size) } else { (rgb.height(), rgb.width()) };
-        let (h, w) = (rgb.height() as i64, rgb.width() as i64);
+        let (rh, rw) = if self.do_resize { self.resize_target(rgb.height(), rgb.width()) } else { (rgb.height(), rgb.width()) };
+        let (ch, cw) = if self.do_center_crop { exact(self.crop_size) } else { (rh, rw) };
+        if ch as u64 * cw as u64 > MAX_OUTPUT_PIXELS {
+            return Err(Error::Preprocess(format!(
+                "a {}×{} image would become {cw}×{ch} pixels, over the limit of {MAX_OUTPUT_PIXELS}",
+                rgb.width(),
+                rgb.height()
+            )));
+        }
         // transformers' center_crop: top = (h - ch) // 2 (floor), padding with zeros when
         // the crop is larger than the image.
+        let (h, w) = (rh as i64, rw as i64);
         let top = (h - ch as i64).div_euclid(2);
         let left = (w - cw as i64).div_euclid(2);
+        // The part of the resized image inside the crop, in resized coordinates.
+        let ys = top.clamp(0, h) as u32..(top + ch as i64).clamp(0, h) as u32;
+        let xs = left.clamp(0, w) as u32..(left + cw as i64).clamp(0, w) as u32;
+        let window = if self.do_resize {
+            resize_window(&rgb, rw, rh, self.filter().map_err(Error::Preprocess)?, xs.clone(), ys.clone())
+        } else {
+            image::imageops::crop_imm(&rgb, xs.start, ys.start, xs.len() as u32, ys.len() as u32).to_image()
+        };
         let scale = if self.do_rescale { self.rescale_factor as f32 } else { 1.0 };
         let plane = (ch * cw) as usize;
         let mut data = vec![0f32; 3 * plane];
@@ -169,7 +185,7 @@ impl ProcessorConfig {
             for x in 0..cw as i64 {
                 let (sy, sx) = (y + top, x + left);
                 let px = if sy >= 0 && sy < h && sx >= 0 && sx < w {
-                    rgb.get_pixel(sx as u32, sy as u32).0
+                    window.get_pixel(sx as u32 - xs.start, sy as u32 - ys.start).0
                 } else {
                     [0, 0, 0]
                 };
@@ -184,6 +200,10 @@ impl ProcessorConfig {
         Ok(Pixels { channels: 3, height: ch as usize, width: cw as usize, data })
     }
 }
+
+/// The largest output [`ProcessorConfig::preprocess`] makes (4096×4096): only reached
+/// without a centre crop, where the output is the whole resized image.
+const MAX_OUTPUT_PIXELS: u64 = 1 << 24;
 
 /// transformers' `convert_to_rgb`: images with alpha are composited over white (with
 /// PIL's integer `alpha_composite` arithmetic), others converted directly.
@@ -240,17 +260,25 @@ fn triangle(x: f64) -> f64 {
     }
 }
 
-/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first input
-/// index, the tap count, and fixed-point weights.
-fn coeffs(in_size: u32, out_size: u32, filter: fn(f64) -> f64, support: f64) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
+/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index in `range` (of
+/// `0..out_size`), the first input index, the tap count, and fixed-point weights. Each
+/// index's coefficients depend on that index alone, so a range gives exactly the values
+/// of the whole.
+fn coeffs(
+    in_size: u32,
+    out_size: u32,
+    filter: fn(f64) -> f64,
+    support: f64,
+    range: Range<u32>,
+) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = support * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size as usize);
-    let mut kk = vec![0i32; out_size as usize * ksize];
+    let mut bounds = Vec::with_capacity(range.len());
+    let mut kk = vec![0i32; range.len() * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size as usize {
+    for (i, xx) in range.map(|x| x as usize).enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -265,7 +293,7 @@ fn coeffs(in_size: u32, out_size: u32, filter: fn(f64) -> f64, support: f64) -> 
         for x in 0..n {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let f = w * (1u32 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if w < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+            kk[i * ksize + x] = if w < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
         }
         bounds.push((xmin, n));
     }
@@ -279,28 +307,40 @@ fn clip8(v: i32) -> u8 {
 
 /// Resizes like PIL's `Image.resize(size, resample)` on an RGB image (no reducing_gap).
 pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbImage {
+    resize_window(img, out_w, out_h, filter, 0..out_w, 0..out_h)
+}
+
+/// The columns `xs` and rows `ys` of [`resize`]`(img, out_w, out_h, filter)`, computing
+/// nothing outside them (memory and time follow the window, not `out_w`×`out_h`).
+fn resize_window(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample, xs: Range<u32>, ys: Range<u32>) -> RgbImage {
+    debug_assert!(xs.end <= out_w && ys.end <= out_h);
     let (in_w, in_h) = img.dimensions();
-    if (in_w, in_h) == (out_w, out_h) {
-        return img.clone();
+    let (win_w, win_h) = (xs.len(), ys.len());
+    if win_w == 0 || win_h == 0 {
+        return RgbImage::new(win_w as u32, win_h as u32);
     }
     if filter == Resample::Nearest {
-        return nearest(img, out_w, out_h);
+        return nearest(img, out_w, out_h, xs, ys);
     }
     let (f, support): (fn(f64) -> f64, f64) = match filter {
         Resample::Bicubic => (bicubic, 2.0),
         _ => (triangle, 1.0),
     };
     let src = img.as_raw();
-    // Horizontal pass over only the rows the vertical pass will read.
-    let (vb, vk, vks) = coeffs(in_h, out_h, f, support);
-    let first = vb.first().map(|b| b.0).unwrap_or(0);
-    let last = vb.last().map(|b| b.0 + b.1).unwrap_or(in_h as usize);
-    let (tmp, tmp_w, row0) = if in_w != out_w {
-        let (hb, hk, hks) = coeffs(in_w, out_w, f, support);
-        let rows = last - first;
-        let mut tmp = vec![0u8; rows * out_w as usize * 3];
-        for (r, out_row) in tmp.chunks_exact_mut(out_w as usize * 3).enumerate() {
-            let row = &src[(r + first) * in_w as usize * 3..][..in_w as usize * 3];
+    let src_row = |y: usize| &src[y * in_w as usize * 3..][..in_w as usize * 3];
+    // As PIL, an axis whose size does not change is not filtered. The horizontal pass
+    // runs over only the source rows the vertical pass will read.
+    let vertical = (in_h != out_h).then(|| coeffs(in_h, out_h, f, support, ys.clone()));
+    let rows = match &vertical {
+        Some((vb, _, _)) => vb[0].0..vb.last().map_or(0, |b| b.0 + b.1),
+        None => ys.start as usize..ys.end as usize,
+    };
+    let stride = win_w * 3;
+    let mut tmp = vec![0u8; rows.len() * stride];
+    if in_w != out_w {
+        let (hb, hk, hks) = coeffs(in_w, out_w, f, support, xs.clone());
+        for (r, out_row) in tmp.chunks_exact_mut(stride).enumerate() {
+            let row = src_row(r + rows.start);
             for (xx, &(xmin, n)) in hb.iter().enumerate() {
                 let k = &hk[xx * hks..][..n];
                 let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
@@ -315,32 +355,33 @@ pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbIm
                 }
             }
         }
-        (tmp, out_w as usize, first)
     } else {
-        (src.to_vec(), in_w as usize, 0)
-    };
-    if in_h == out_h {
-        return RgbImage::from_raw(out_w, out_h, tmp).expect("buffer size matches");
+        for (r, out_row) in tmp.chunks_exact_mut(stride).enumerate() {
+            out_row.copy_from_slice(&src_row(r + rows.start)[xs.start as usize * 3..xs.end as usize * 3]);
+        }
     }
-    let stride = tmp_w * 3;
-    let mut out = vec![0u8; out_h as usize * stride];
+    let Some((vb, vk, vks)) = vertical else {
+        return RgbImage::from_raw(win_w as u32, win_h as u32, tmp).expect("buffer size matches");
+    };
+    let mut out = vec![0u8; win_h * stride];
     for (yy, &(ymin, n)) in vb.iter().enumerate() {
         let k = &vk[yy * vks..][..n];
         let out_row = &mut out[yy * stride..][..stride];
         for (i, o) in out_row.iter_mut().enumerate() {
             let mut ss = 1i32 << (PRECISION_BITS - 1);
             for (y, &kw) in k.iter().enumerate() {
-                ss += tmp[(ymin - row0 + y) * stride + i] as i32 * kw;
+                ss += tmp[(ymin - rows.start + y) * stride + i] as i32 * kw;
             }
             *o = clip8(ss);
         }
     }
-    RgbImage::from_raw(out_w, out_h, out).expect("buffer size matches")
+    RgbImage::from_raw(win_w as u32, win_h as u32, out).expect("buffer size matches")
 }
 
-fn nearest(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+fn nearest(img: &RgbImage, out_w: u32, out_h: u32, xs: Range<u32>, ys: Range<u32>) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
-    RgbImage::from_fn(out_w, out_h, |x, y| {
+    RgbImage::from_fn(xs.len() as u32, ys.len() as u32, |x, y| {
+        let (x, y) = (x + xs.start, y + ys.start);
         let sx = (((x as f64 + 0.5) * in_w as f64 / out_w as f64) as u32).min(in_w - 1);
         let sy = (((y as f64 + 0.5) * in_h as f64 / out_h as f64) as u32).min(in_h - 1);
         *img.get_pixel(sx, sy)
@@ -392,6 +433,105 @@ mod tests {
         assert!((126..=128).contains(&half), "{half}");
         let img = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0])));
         assert_eq!(to_rgb(&img).get_pixel(0, 0).0, [255, 255, 255]);
+    }
+
+    /// A deterministic, non-smooth test image.
+    fn noise(w: u32, h: u32) -> RgbImage {
+        let mut state = 0x1234_5678u32 ^ (w * 31 + h);
+        RgbImage::from_fn(w, h, |_, _| {
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state as u8
+            };
+            image::Rgb([next(), next(), next()])
+        })
+    }
+
+    #[test]
+    fn resize_window_is_a_crop_of_the_full_resize() {
+        for filter in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic] {
+            // Down, up, mixed, and one axis unchanged (PIL then skips that pass).
+            for ((in_w, in_h), (out_w, out_h)) in
+                [((40, 30), (13, 9)), ((7, 5), (29, 17)), ((50, 6), (11, 40)), ((20, 15), (20, 7)), ((20, 15), (9, 15))]
+            {
+                let img = noise(in_w, in_h);
+                let full = resize(&img, out_w, out_h, filter);
+                for (xs, ys) in [(0..out_w, 0..out_h), (2..out_w - 1, 1..out_h / 2), (out_w - 1..out_w, 0..1), (3..3, 0..out_h)] {
+                    let win = resize_window(&img, out_w, out_h, filter, xs.clone(), ys.clone());
+                    let want = image::imageops::crop_imm(&full, xs.start, ys.start, xs.len() as u32, ys.len() as u32).to_image();
+                    assert_eq!(win, want, "{filter:?} {in_w}x{in_h} -> {out_w}x{out_h}, window {xs:?} x {ys:?}");
+                }
+            }
+        }
+    }
+
+    /// The crop computed the pre-fuzzing way: resize the whole image, then cut.
+    fn preprocess_by_full_resize(c: &ProcessorConfig, img: &RgbImage) -> Vec<f32> {
+        let (h, w) = c.resize_target(img.height(), img.width());
+        let r = resize(img, w, h, c.filter().unwrap());
+        let (ch, cw) = exact(c.crop_size);
+        let top = (h as i64 - ch as i64).div_euclid(2);
+        let left = (w as i64 - cw as i64).div_euclid(2);
+        let plane = (ch * cw) as usize;
+        let mut data = vec![0f32; 3 * plane];
+        for y in 0..ch as i64 {
+            for x in 0..cw as i64 {
+                let (sy, sx) = (y + top, x + left);
+                let inside = sy >= 0 && sy < h as i64 && sx >= 0 && sx < w as i64;
+                let px = if inside { r.get_pixel(sx as u32, sy as u32).0 } else { [0; 3] };
+                for ch_ in 0..3 {
+                    let v = px[ch_] as f32 * c.rescale_factor as f32;
+                    data[ch_ * plane + (y * cw as i64 + x) as usize] = (v - c.image_mean[ch_]) / c.image_std[ch_];
+                }
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn cropping_while_resizing_changes_no_value() {
+        let tiny = ProcessorConfig {
+            size: SizeSpec::Shortest { shortest_edge: 12 },
+            crop_size: SizeSpec::Exact { height: 10, width: 8 },
+            ..ProcessorConfig::default()
+        };
+        // Crop larger than the resized image on one side (zero padding) as well.
+        let padded = ProcessorConfig { crop_size: SizeSpec::Square(16), ..tiny.clone() };
+        let exact_resize = ProcessorConfig { size: SizeSpec::Exact { height: 9, width: 14 }, ..tiny.clone() };
+        for c in [&tiny, &padded, &exact_resize] {
+            for (w, h) in [(30, 20), (20, 30), (5, 4), (300, 1), (1, 97), (12, 12)] {
+                let img = noise(w, h);
+                let got = c.preprocess(&DynamicImage::ImageRgb8(img.clone())).unwrap();
+                assert_eq!(got.data, preprocess_by_full_resize(c, &img), "{w}x{h} with {c:?}");
+            }
+        }
+    }
+
+    /// The `decode_preprocess` fuzz target's `regress_strip_4000000x1.png` (a 12 KB PNG,
+    /// 4000000×1): its shortest edge resized to 72 made the whole strip, 288000000×72,
+    /// be computed before the 64×64 centre crop, and the process abort allocating 4.6 GB
+    /// of coefficients. Only the crop is computed now.
+    #[test]
+    fn extreme_strips_cost_only_their_crop() {
+        for (w, h) in [(4_000_000, 1), (1, 4_000_000), (20_000_000, 1)] {
+            let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(w, h, image::Rgb([200, 100, 50])));
+            let p = ProcessorConfig::default().preprocess(&img).unwrap();
+            assert_eq!((p.channels, p.height, p.width), (3, 224, 224));
+            let c = ProcessorConfig::default();
+            let want = (200.0 / 255.0 - c.image_mean[0]) / c.image_std[0];
+            assert!((p.data[224 * 112 + 112] - want).abs() < 1e-5);
+        }
+        // 224·20000000 is over u32::MAX: the long side is clamped, not wrapped.
+        assert_eq!(ProcessorConfig::default().resize_target(1, 20_000_000), (224, u32::MAX));
+        // Without a crop the output is the whole resize, which is refused when huge.
+        let no_crop = ProcessorConfig { do_center_crop: false, ..ProcessorConfig::default() };
+        let strip = DynamicImage::ImageRgb8(RgbImage::new(100_000, 1));
+        let err = no_crop.preprocess(&strip).unwrap_err().to_string();
+        assert!(err.contains("over the limit"), "{err}");
+        let small = no_crop.preprocess(&DynamicImage::ImageRgb8(RgbImage::new(40, 20))).unwrap();
+        assert_eq!((small.height, small.width), (224, 448));
     }
 
     #[test]

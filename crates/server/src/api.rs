@@ -6,7 +6,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::jobs::{JobHandle, JobKind};
 use crate::AppState;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Path, RawQuery, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -77,6 +78,21 @@ fn content_type(h: &HeaderMap) -> String {
 async fn read_body(state: &AppState, req: Request) -> ApiResult<Bytes> {
     let limit = state.inner().config.body_limit;
     axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::too_large(limit))
+}
+
+/// `Path`, with its rejections (e.g. a segment that is not UTF-8) in the API's error
+/// shape.
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::bad_request(format!("path: {}", e.body_text()))),
+        }
+    }
 }
 
 fn parse_id(raw: &str, what: &str) -> ApiResult<i64> {
@@ -337,7 +353,7 @@ pub(crate) async fn search_image(State(state): State<AppState>, RawQuery(raw): R
 
 pub(crate) async fn similar(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
@@ -393,7 +409,7 @@ fn record_json(f: &FileRecord, caption: Option<&str>, labels: Value, conversatio
     })
 }
 
-pub(crate) async fn image(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn image(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
     let lib = &state.inner().lib;
     let f = lib.image(id).await?;
@@ -423,7 +439,7 @@ fn unreadable(id: ImageId, e: magpie_engine::Error) -> ApiError {
     }
 }
 
-pub(crate) async fn thumbnail(State(state): State<AppState>, Path(id): Path<String>, RawQuery(raw): RawQuery) -> ApiResult<Response> {
+pub(crate) async fn thumbnail(State(state): State<AppState>, ApiPath(id): ApiPath<String>, RawQuery(raw): RawQuery) -> ApiResult<Response> {
     let id = parse_id(&id, "id")?;
     let p: ThumbParams = parse_query(&raw)?;
     let size = p.size.unwrap_or(320);
@@ -445,7 +461,7 @@ pub(crate) async fn thumbnail(State(state): State<AppState>, Path(id): Path<Stri
         .into_response())
 }
 
-pub(crate) async fn original(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+pub(crate) async fn original(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<Response> {
     let id = parse_id(&id, "id")?;
     let lib = &state.inner().lib;
     let f = lib.image(id).await?;
@@ -464,7 +480,7 @@ pub(crate) async fn original(State(state): State<AppState>, Path(id): Path<Strin
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(mime))], Body::from(bytes)).into_response())
 }
 
-pub(crate) async fn caption(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn caption(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
     let lib = &state.inner().lib;
     lib.image(id).await?;
@@ -478,7 +494,7 @@ struct CaptionBody {
     max_new_tokens: Option<usize>,
 }
 
-pub(crate) async fn caption_now(State(state): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Json<Value>> {
+pub(crate) async fn caption_now(State(state): State<AppState>, ApiPath(id): ApiPath<String>, req: Request) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
     let body: CaptionBody = json_body(&state, req, true).await?;
     let lib = &state.inner().lib;
@@ -652,7 +668,7 @@ fn csv_field(s: &str) -> String {
 
 pub(crate) async fn export_labels(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Response> {
     let p: ExportParams = parse_query(&raw)?;
@@ -685,7 +701,7 @@ pub(crate) async fn export_labels(
     Ok(([(header::CONTENT_DISPOSITION, disposition)], Json(serde_json::to_value(rows).unwrap_or(Value::Null))).into_response())
 }
 
-pub(crate) async fn delete_labels(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn delete_labels(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> ApiResult<Json<Value>> {
     let n = state.inner().lib.store().delete_label_set(&name).await.map_err(magpie_engine::Error::from)?;
     if n == 0 {
         return Err(ApiError::not_found("unknown_label_set", format!("no label set named `{name}`")));
@@ -744,7 +760,7 @@ pub(crate) async fn conversations(State(state): State<AppState>, RawQuery(raw): 
     Ok(Json(Value::Array(list.iter().map(|c| conversation_json(c, None)).collect())))
 }
 
-pub(crate) async fn conversation(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn conversation(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
     let h = state.inner().lib.conversation(id).await?;
     Ok(Json(conversation_json(&h.conversation, Some(&h.messages))))
@@ -762,7 +778,7 @@ struct Piece<'a> {
     text: &'a str,
 }
 
-pub(crate) async fn ask(State(state): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub(crate) async fn ask(State(state): State<AppState>, ApiPath(id): ApiPath<String>, req: Request) -> ApiResult<Response> {
     let id = parse_id(&id, "id")?;
     let body: Ask = json_body(&state, req, false).await?;
     if body.question.trim().is_empty() {
@@ -909,13 +925,13 @@ pub(crate) async fn jobs(State(state): State<AppState>) -> Json<Value> {
     Json(json!(state.inner().jobs.list()))
 }
 
-pub(crate) async fn job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn job(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
     let job = state.inner().jobs.get(id as u64).filter(|_| id > 0);
     job.map(|j| Json(json!(j))).ok_or_else(|| ApiError::not_found("unknown_job", format!("no job with id {id}")))
 }
 
-pub(crate) async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub(crate) async fn cancel_job(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "id")?;
     let job = state.inner().jobs.cancel(id as u64).filter(|_| id > 0);
     job.map(|j| Json(json!(j))).ok_or_else(|| ApiError::not_found("unknown_job", format!("no job with id {id}")))

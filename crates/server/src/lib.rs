@@ -183,6 +183,8 @@ pub fn router(state: AppState) -> Router {
         .route("/index.html", get(|| async { static_file(INDEX_HTML, "text/html; charset=utf-8") }))
         .route("/app.js", get(|| async { static_file(APP_JS, "text/javascript; charset=utf-8") }))
         .route("/style.css", get(|| async { static_file(STYLE_CSS, "text/css; charset=utf-8") }))
+        // `/api/` and any other unknown path: the API's 404, not an empty body.
+        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         // Bodies are read by the handlers up to `body_limit` (an over-long one is a 413
         // in the API's error shape); this only lifts axum's default 2 MB cap on multipart.

@@ -205,6 +205,12 @@ async fn openapi_documents_every_route_and_the_page_is_served() {
     let h = get(&e.app, "/api/health").await.json();
     assert_eq!(h["ok"], true);
     get(&e.app, "/api/nope").await.error(StatusCode::NOT_FOUND, "not_found", "endpoint");
+    // Found by fuzzing: `/api/` and unknown pages got an empty 404, a non-UTF-8 path
+    // segment a plain-text 400.
+    get(&e.app, "/api/").await.error(StatusCode::NOT_FOUND, "not_found", "endpoint");
+    get(&e.app, "/nope").await.error(StatusCode::NOT_FOUND, "not_found", "endpoint");
+    get(&e.app, "/api/images/%FF").await.error(StatusCode::BAD_REQUEST, "bad_request", "path");
+    get(&e.app, "/api/labels/%FF").await.error(StatusCode::BAD_REQUEST, "bad_request", "path");
     let r = send(&e.app, Request::put("/api/search").body(Body::empty()).unwrap()).await;
     r.error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method");
 }
