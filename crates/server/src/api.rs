@@ -265,10 +265,17 @@ async fn index_roots(state: &AppState) -> ApiResult<Vec<PathBuf>> {
 
 pub(crate) async fn search(State(state): State<AppState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     let p: SearchParams = parse_query(&raw)?;
-    let paging = p.paging()?;
-    let q = non_empty(&p.q).ok_or_else(|| ApiError::bad_request("q: the search text is required"))?;
+    let (page, paging, mode) = text_search(&state, &p, "").await?;
+    Ok(page_json(page, &paging, Some(mode)))
+}
+
+/// A text search from its parameters; `field` prefixes the names of bad fields in errors
+/// (`"query."` inside a classify body).
+async fn text_search(state: &AppState, p: &SearchParams, field: &str) -> ApiResult<(Page, Paging, SearchMode)> {
+    let paging = p.paging().map_err(|e| ApiError::bad_request(format!("{field}{}", e.message)))?;
+    let q = non_empty(&p.q).ok_or_else(|| ApiError::bad_request(format!("{field}q: the search text is required")))?;
     let mode = match non_empty(&p.mode) {
-        Some(m) => m.parse::<SearchMode>().map_err(|e| ApiError::bad_request(format!("mode: {e}")))?,
+        Some(m) => m.parse::<SearchMode>().map_err(|e| ApiError::bad_request(format!("{field}mode: {e}")))?,
         None => SearchMode::Hybrid,
     };
     let s = state.inner();
@@ -283,7 +290,7 @@ pub(crate) async fn search(State(state): State<AppState>, RawQuery(raw): RawQuer
             paging.k,
         )
         .await?;
-    Ok(page_json(page, &paging, Some(mode)))
+    Ok((page, paging, mode))
 }
 
 /// An uploaded image: multipart part `image` (or the first file part), or the raw body.
@@ -607,23 +614,7 @@ pub(crate) async fn classify(State(state): State<AppState>, req: Request) -> Api
                 min_score: q.filter.min_score,
                 ..Default::default()
             };
-            let paging = params.paging().map_err(|e| ApiError::bad_request(format!("query.{}", e.message)))?;
-            let text = non_empty(&params.q).ok_or_else(|| ApiError::bad_request("query.q: the search text is required"))?;
-            let mode = match non_empty(&params.mode) {
-                Some(m) => m.parse::<SearchMode>().map_err(|e| ApiError::bad_request(format!("query.mode: {e}")))?,
-                None => SearchMode::Hybrid,
-            };
-            let negative = non_empty(&params.negative);
-            let page = s
-                .lib
-                .search_page(
-                    Query::Text { text: &text, negative: negative.as_deref(), mode, embedder: s.clip.as_ref() },
-                    &paging.filter,
-                    paging.sort,
-                    0,
-                    paging.k,
-                )
-                .await?;
+            let (page, _, _) = text_search(&state, &params, "query.").await?;
             page.hits.iter().map(|h| h.id).collect()
         }
         _ => unreachable!("checked above"),
