@@ -98,7 +98,10 @@ fn every_hostile_file_is_reported_and_the_rest_indexed() {
     }
     std::fs::create_dir_all(&deep).unwrap();
     std::fs::write(deep.join("deep.jpg"), &rocket).unwrap(); // a path over 1,000 bytes
-    good += 4;
+    let odd = root().join("tests/fixtures/odd");
+    std::fs::copy(odd.join("cmyk.jpg"), d.join("cmyk.jpg")).unwrap(); // CMYK JPEG
+    std::fs::copy(odd.join("animated.webp"), d.join("animated.webp")).unwrap(); // first frame
+    good += 6;
     // Bad: each must be reported with a reason that says what is wrong.
     let bad: Vec<(&str, &str)> = vec![
         ("zero.jpg", "empty"),
@@ -168,6 +171,8 @@ fn every_hostile_file_is_reported_and_the_rest_indexed() {
     assert!(formats.contains(&("really-a-png.gif".into(), "png".into())), "{formats:?}");
     assert!(formats.contains(&("animated.gif".into(), "gif".into())), "{formats:?}");
     assert!(formats.iter().any(|(n, _)| n == "deep.jpg"));
+    assert!(formats.contains(&("cmyk.jpg".into(), "jpeg".into())), "{formats:?}");
+    assert!(formats.contains(&("animated.webp".into(), "webp".into())), "{formats:?}");
 
     // A second run changes nothing.
     let again = magpie_json(data.path(), &["--model", m, "index", d.to_str().unwrap()]);

@@ -510,3 +510,28 @@ fn errors_convert_to_core_errors_with_path() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Committed odd-format fixtures (`scripts/fixtures/make_odd.py`, Pillow).
+fn odd(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/odd").join(name)
+}
+
+#[test]
+fn cmyk_jpeg_decodes_to_the_colours_pillow_gives() {
+    // Left half C=0 M=255 Y=255 K=0, right half C=255 M=255 Y=0 K=0 (Adobe-inverted in the
+    // file); Pillow's convert("RGB") gives (255, 0, 0) and (0, 0, 255).
+    let d = decode_file(&odd("cmyk.jpg"), &opts()).unwrap();
+    assert_eq!(d.meta.format, Format::Jpeg);
+    let rgb = to_rgb8(&d.image);
+    assert_eq!(rgb.dimensions(), (48, 32));
+    assert_near(rgb.get_pixel(5, 16).0, [255, 0, 0], 6, "cmyk left");
+    assert_near(rgb.get_pixel(42, 16).0, [0, 0, 255], 6, "cmyk right");
+}
+
+#[test]
+fn animated_webp_uses_its_first_frame() {
+    let d = decode_file(&odd("animated.webp"), &opts()).unwrap();
+    assert_eq!(d.meta.format, Format::WebP);
+    assert_eq!((d.meta.width, d.meta.height), (40, 24));
+    assert_near(to_rgb8(&d.image).get_pixel(20, 12).0, [0, 200, 0], 2, "first frame is green");
+}
