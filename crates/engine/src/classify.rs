@@ -83,12 +83,7 @@ fn classification(id: ImageId, classes: &Classes, probs: Vec<f32>) -> Classifica
 
 impl Library {
     fn class_vectors(&self, embedder: &dyn TextEmbedder, classes: &Classes) -> Result<Vec<Vec<f32>>> {
-        if embedder.model() != &self.model {
-            return Err(Error::Model(magpie_core::Error::ModelMismatch {
-                expected: self.model.id.clone(),
-                got: embedder.model().id.clone(),
-            }));
-        }
+        self.check_model(embedder.model())?;
         let texts = classes.texts();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         Ok(embedder.embed_texts(&refs)?)

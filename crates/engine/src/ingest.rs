@@ -389,12 +389,7 @@ impl Library {
         progress: &(dyn Fn(&Progress) + Sync),
         cancel: Arc<AtomicBool>,
     ) -> Result<IndexReport> {
-        if embedder.model() != &self.model {
-            return Err(Error::Model(magpie_core::Error::ModelMismatch {
-                expected: self.model.id.clone(),
-                got: embedder.model().id.clone(),
-            }));
-        }
+        self.check_model(embedder.model())?;
         let start = Instant::now();
         let mut report = IndexReport::default();
         let mut cands = Vec::new();
@@ -412,10 +407,7 @@ impl Library {
         // What the library knows, by path, whichever root a file was found under: a
         // folder indexed both on its own and as part of a parent must not be re-embedded
         // (or counted as new) each time the other root is walked.
-        let mut known: HashMap<PathBuf, FileState> = HashMap::new();
-        for r in self.store.roots().await? {
-            known.extend(self.store.files_under_root(r.id).await?.into_iter().map(|f| (f.path.clone(), f)));
-        }
+        let mut known = self.known_files().await?;
         let mut seen: std::collections::HashSet<PathBuf> = Default::default();
         for (root, rid) in &walked {
             let (root2, rid) = (root.clone(), *rid);
@@ -458,12 +450,7 @@ impl Library {
         opts: &IndexOptions,
         cancel: Arc<AtomicBool>,
     ) -> Result<IndexReport> {
-        if embedder.model() != &self.model {
-            return Err(Error::Model(magpie_core::Error::ModelMismatch {
-                expected: self.model.id.clone(),
-                got: embedder.model().id.clone(),
-            }));
-        }
+        self.check_model(embedder.model())?;
         let start = Instant::now();
         let mut walked = Vec::with_capacity(roots.len());
         for root in roots {
@@ -471,10 +458,7 @@ impl Library {
             let r = self.store.add_root(&root).await?;
             walked.push((root, r.id));
         }
-        let mut known: HashMap<PathBuf, FileState> = HashMap::new();
-        for r in self.store.roots().await? {
-            known.extend(self.store.files_under_root(r.id).await?.into_iter().map(|f| (f.path.clone(), f)));
-        }
+        let known = self.known_files().await?;
         // Outermost first, each once: a folder's walk covers the paths under it.
         let mut todo: Vec<PathBuf> = paths.to_vec();
         todo.sort();
@@ -525,6 +509,15 @@ impl Library {
         .await
         .map_err(|e| Error::Task(e.to_string()))?;
         self.process(report, cands, deleted, walk_errors, embedder, opts, &|_| {}, cancel, start).await
+    }
+
+    /// What the library knows, by path, whichever root a file was found under.
+    async fn known_files(&self) -> Result<HashMap<PathBuf, FileState>> {
+        let mut known = HashMap::new();
+        for r in self.store.roots().await? {
+            known.extend(self.store.files_under_root(r.id).await?.into_iter().map(|f| (f.path.clone(), f)));
+        }
+        Ok(known)
     }
 
     /// The second half of an index run: records walk errors, retires `deleted`, then

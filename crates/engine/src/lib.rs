@@ -42,7 +42,7 @@ pub use error::{Error, Result};
 pub use ingest::{IndexOptions, IndexReport, Progress};
 pub use library::{IndexState, IndexStatus, Library, LibraryConfig, Status, TextIndexStatus};
 pub use magpie_store::{Caption, Conversation, ConversationId, FileRecord, LabelRecord, LabelSet, Message, Role};
-pub use search::{embed_bytes, embed_file, reciprocal_rank_fusion, SearchHit, SearchMode, RRF_K};
+pub use search::{camera_name, embed_bytes, embed_file, reciprocal_rank_fusion, SearchHit, SearchMode, RRF_K};
 
 /// File name of the SQLite database inside the data directory.
 pub const DB_FILE: &str = "magpie.db";

@@ -6,7 +6,7 @@
 //! format, labels) and to the score.
 
 use crate::search::{reciprocal_rank_fusion, SearchHit, RRF_K};
-use crate::{Error, Library, Result, SearchMode};
+use crate::{Library, Result, SearchMode};
 use magpie_core::{ImageId, TextEmbedder};
 use magpie_store::{FileRecord, FileStatus};
 use serde::{Deserialize, Serialize};
@@ -161,12 +161,7 @@ impl Library {
                 let v = if mode == SearchMode::Text {
                     None
                 } else {
-                    if embedder.model() != &self.model {
-                        return Err(Error::Model(magpie_core::Error::ModelMismatch {
-                            expected: self.model.id.clone(),
-                            got: embedder.model().id.clone(),
-                        }));
-                    }
+                    self.check_model(embedder.model())?;
                     let mut texts = vec![text];
                     if let Some(n) = negative.filter(|n| !n.trim().is_empty()) {
                         texts.push(n);

@@ -85,14 +85,19 @@ pub struct SearchHit {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// "Make Model" for display, without repeating a make the model name already starts with.
+pub fn camera_name(exif: &magpie_store::Exif) -> Option<String> {
+    match (&exif.camera_make, &exif.camera_model) {
+        (Some(a), Some(b)) if b.starts_with(a.as_str()) => Some(b.clone()),
+        (Some(a), Some(b)) => Some(format!("{a} {b}")),
+        (a, b) => a.clone().or(b.clone()),
+    }
+}
+
 impl SearchHit {
     pub(crate) fn from_record(f: FileRecord, score: f32, caption: Option<String>) -> Self {
         let meta = f.meta.as_ref();
-        let camera = meta.and_then(|m| match (&m.exif.camera_make, &m.exif.camera_model) {
-            (Some(a), Some(b)) if b.starts_with(a.as_str()) => Some(b.clone()),
-            (Some(a), Some(b)) => Some(format!("{a} {b}")),
-            (a, b) => a.clone().or(b.clone()),
-        });
+        let camera = meta.and_then(|m| camera_name(&m.exif));
         Self {
             id: f.id,
             path: f.path.to_string_lossy().into_owned(),
@@ -248,7 +253,8 @@ impl Library {
         self.search_vector(&v, k, None).await
     }
 
-    fn check_model(&self, m: &magpie_core::ModelInfo) -> Result<()> {
+    /// Refuses an embedder of another model than the library's.
+    pub(crate) fn check_model(&self, m: &magpie_core::ModelInfo) -> Result<()> {
         if m != &self.model {
             return Err(Error::Model(magpie_core::Error::ModelMismatch { expected: self.model.id.clone(), got: m.id.clone() }));
         }

@@ -393,11 +393,7 @@ fn record_json(f: &FileRecord, caption: Option<&str>, labels: Value, conversatio
     let (thumbnail, original) = image_urls(f.id);
     let meta = f.meta.as_ref();
     let exif = meta.map(|m| serde_json::to_value(&m.exif).unwrap_or(Value::Null)).unwrap_or(Value::Null);
-    let camera = meta.and_then(|m| match (&m.exif.camera_make, &m.exif.camera_model) {
-        (Some(a), Some(b)) if b.starts_with(a.as_str()) => Some(b.clone()),
-        (Some(a), Some(b)) => Some(format!("{a} {b}")),
-        (a, b) => a.clone().or(b.clone()),
-    });
+    let camera = meta.and_then(|m| magpie_engine::camera_name(&m.exif));
     json!({
         "id": f.id,
         "path": f.path.to_string_lossy(),
