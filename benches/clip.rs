@@ -11,7 +11,8 @@
 
 use magpie_core::{ImageEmbedder, Pixels};
 use magpie_engine::{IndexOptions, Library, LibraryConfig};
-use magpie_models::Clip;
+use magpie_models::cpu::encoder::profile;
+use magpie_models::{Clip, ClipPrecision};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -75,27 +76,35 @@ fn ensure_jpegs(dir: &Path, n: usize) -> Vec<PathBuf> {
     out
 }
 
-fn main() {
-    let model_dir = PathBuf::from(std::env::var("MAGPIE_BENCH_MODEL").unwrap_or_else(|_| "bench-data/clip-vit-base-patch32".into()));
-    ensure_model(&model_dir);
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let clip = Arc::new(Clip::load(model_dir.to_str().unwrap(), magpie_core::Device::Cpu).expect("load model"));
-    let size = clip.config().vision_config.image_size;
-    let min = Duration::from_secs(3);
+/// One precision's figures.
+struct Run {
+    precision: &'static str,
+    /// (batch, images per second)
+    img_rate: Vec<(usize, f64)>,
+    /// (tokens, milliseconds)
+    text_ms: Vec<(usize, f64)>,
+    /// Per encoder stage at batch 16: (name, ms per image, GFLOP/s).
+    stages: Vec<(&'static str, f64, f64)>,
+    /// ms per image outside the encoder layers (patch embedding, pre/post LN, projection).
+    other_ms: f64,
+}
 
+fn pixels(size: usize, b: usize) -> Vec<Pixels> {
+    (0..b)
+        .map(|i| Pixels {
+            channels: 3,
+            height: size,
+            width: size,
+            data: (0..3 * size * size).map(|j| (((i * 7919 + j * 104729) % 1000) as f32 / 500.0) - 1.0).collect(),
+        })
+        .collect()
+}
+
+fn measure(clip: &Clip, min: Duration) -> Run {
+    let size = clip.config().vision_config.image_size;
     let mut img_rate = Vec::new();
     for b in [1usize, 16] {
-        let batch: Vec<Pixels> = (0..b)
-            .map(|i| Pixels {
-                channels: 3,
-                height: size,
-                width: size,
-                data: (0..3 * size * size).map(|j| (((i * 7919 + j * 104729) % 1000) as f32 / 500.0) - 1.0).collect(),
-            })
-            .collect();
+        let batch = pixels(size, b);
         let dt = timed(min, 3, || {
             clip.embed_pixels(&batch).unwrap();
         });
@@ -109,6 +118,110 @@ fn main() {
         });
         text_ms.push((t, dt * 1000.0));
     }
+    // Per-stage time of the vision encoder at batch 16.
+    let (b, reps) = (16, 6);
+    let batch = pixels(size, b);
+    clip.embed_pixels(&batch).unwrap();
+    profile::enable(true);
+    profile::take();
+    let t = Instant::now();
+    for _ in 0..reps {
+        clip.embed_pixels(&batch).unwrap();
+    }
+    let total = t.elapsed().as_secs_f64();
+    profile::enable(false);
+    let secs = profile::take();
+    let flops = clip.clip_model().vision_model.encoder_flops(b).unwrap_or([0.0; 6]);
+    let per_img = |s: f64| s / (reps * b) as f64 * 1000.0;
+    let stages = (0..6)
+        .map(|i| (profile::STAGES[i], per_img(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
+        .collect();
+    Run { precision: clip.precision(), img_rate, text_ms, stages, other_ms: per_img(total - secs.iter().sum::<f64>()) }
+}
+
+/// GFLOP/s of register-only loops on `threads` threads: f32 FMA, and BF16 dot products
+/// where the CPU has them (the ceilings the kernels are measured against).
+fn peaks(threads: usize) -> (f64, Option<f64>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // 16 independent chains in named registers (an array was kept in memory).
+        macro_rules! chains {
+            ($iters:expr, $op:expr, $zero:expr) => {{
+                let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7) = ($zero, $zero, $zero, $zero, $zero, $zero, $zero, $zero);
+                let (mut b0, mut b1, mut b2, mut b3, mut b4, mut b5, mut b6, mut b7) = ($zero, $zero, $zero, $zero, $zero, $zero, $zero, $zero);
+                for _ in 0..$iters {
+                    a0 = $op(a0); a1 = $op(a1); a2 = $op(a2); a3 = $op(a3);
+                    a4 = $op(a4); a5 = $op(a5); a6 = $op(a6); a7 = $op(a7);
+                    b0 = $op(b0); b1 = $op(b1); b2 = $op(b2); b3 = $op(b3);
+                    b4 = $op(b4); b5 = $op(b5); b6 = $op(b6); b7 = $op(b7);
+                }
+                [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7].iter().map(|a| _mm512_reduce_add_ps(*a)).sum::<f32>()
+            }};
+        }
+        #[target_feature(enable = "avx512f")]
+        fn fma_loop(iters: usize) -> f32 {
+            let (x, y) = (_mm512_set1_ps(0.999), _mm512_set1_ps(1e-3));
+            chains!(iters, |a| _mm512_fmadd_ps(a, x, y), _mm512_set1_ps(0.0))
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        fn dp_loop(iters: usize) -> f32 {
+            // SAFETY: plain bits reinterpreted.
+            let x: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(0x3f80)) };
+            chains!(iters, |a| _mm512_dpbf16_ps(a, x, x), _mm512_set1_ps(0.0))
+        }
+        let run = |flops_per_iter: f64, f: &(dyn Fn(usize) -> f32 + Sync)| {
+            let iters = 200_000_000;
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| std::hint::black_box(f(iters)));
+                }
+            });
+            flops_per_iter * iters as f64 * threads as f64 / t.elapsed().as_secs_f64() / 1e9
+        };
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the features were just detected.
+            let f32_peak = run(16.0 * 32.0, &|n| unsafe { fma_loop(n) });
+            let bf16 = magpie_models::bf16_gemm::available().then(|| run(16.0 * 64.0, &|n| unsafe { dp_loop(n) }));
+            return (f32_peak, bf16);
+        }
+    }
+    (0.0, None)
+}
+
+fn main() {
+    let model_dir = PathBuf::from(std::env::var("MAGPIE_BENCH_MODEL").unwrap_or_else(|_| "bench-data/clip-vit-base-patch32".into()));
+    ensure_model(&model_dir);
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let min = Duration::from_secs(3);
+    let mut precisions = vec![ClipPrecision::F32];
+    if magpie_models::bf16_gemm::available() {
+        precisions.push(ClipPrecision::Bf16);
+    }
+    let mut runs = Vec::new();
+    let mut models = Vec::new();
+    for &precision in &precisions {
+        let clip = Clip::load_with(model_dir.to_str().unwrap(), magpie_core::Device::Cpu, precision).expect("load model");
+        runs.push(measure(&clip, min));
+        models.push(clip);
+    }
+    // How far bf16 embeddings are from f32 ones on real photos.
+    let photos: Vec<Pixels> = std::fs::read_dir("tests/fixtures/photos")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| magpie_media::decode_file(&p, &Default::default()).ok())
+        .map(|d| magpie_core::ImageEmbedder::preprocess(&models[0], &d.image).unwrap())
+        .collect();
+    let worst_cos = (models.len() == 2).then(|| {
+        let (a, b) = (models[0].embed_pixels(&photos).unwrap(), models[1].embed_pixels(&photos).unwrap());
+        a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>()).fold(1.0f32, f32::min)
+    });
+    drop(models);
+    let clip = Arc::new(Clip::load_with(model_dir.to_str().unwrap(), magpie_core::Device::Cpu, ClipPrecision::Auto).expect("load model"));
     let q = "a puppy playing in the snow";
     let dt = timed(min / 2, 10, || {
         magpie_core::TextEmbedder::embed_texts(clip.as_ref(), &[q]).unwrap();
@@ -117,7 +230,12 @@ fn main() {
 
     // Indexing 12 MP JPEGs end to end (walk, read, hash, decode, preprocess, embed, commit).
     let n_jpegs = std::env::var("MAGPIE_BENCH_JPEGS").ok().and_then(|v| v.parse().ok()).unwrap_or(48);
-    let jpeg_dir = PathBuf::from("bench-data/jpeg-12mp");
+    // One folder per count, so that a smaller run does not index a larger one's files.
+    let jpeg_dir = PathBuf::from(format!("bench-data/jpeg-12mp-{n_jpegs}"));
+    if n_jpegs == 48 && !jpeg_dir.exists() && Path::new("bench-data/jpeg-12mp").is_dir() {
+        // Earlier versions made the 48 files here.
+        std::fs::rename("bench-data/jpeg-12mp", &jpeg_dir).unwrap();
+    }
     ensure_jpegs(&jpeg_dir, n_jpegs);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let data = tempfile::tempdir().unwrap();
@@ -150,38 +268,63 @@ fn main() {
     };
     let peer_num = |group: &str, key: usize| peer.as_ref().and_then(|p| p[group][key.to_string()].as_f64());
 
+    let (f32_peak, bf16_peak) = peaks(threads);
     println!("\nCLIP {} ({}), {threads} threads", model_dir.display(), clip.info().id);
     println!("{:<28} {:>10} {:>10} {:>10} {:>12} {:>12}", "", "magpie", "PyTorch", "ONNX RT", "vs PyTorch", "vs ONNX RT");
-    for (b, r) in &img_rate {
-        let (pt, ort) = (peer_num("pytorch", *b), peer_num("onnxruntime", *b));
-        println!(
-            "{:<28} {:>10.1} {:>10} {:>10} {:>12} {:>12}",
-            format!("image embeds/s, batch {b}"),
-            r,
-            pt.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
-            ort.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
-            pt.map(|v| format!("{:.2}x", r / v)).unwrap_or("-".into()),
-            ort.map(|v| format!("{:.2}x", r / v)).unwrap_or("-".into()),
-        );
+    for run in &runs {
+        for (b, r) in &run.img_rate {
+            let (pt, ort) = (peer_num("pytorch", *b), peer_num("onnxruntime", *b));
+            println!(
+                "{:<28} {:>10.1} {:>10} {:>10} {:>12} {:>12}",
+                format!("{} image/s, batch {b}", run.precision),
+                r,
+                pt.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                ort.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                pt.map(|v| format!("{:.2}x", r / v)).unwrap_or("-".into()),
+                ort.map(|v| format!("{:.2}x", r / v)).unwrap_or("-".into()),
+            );
+        }
+        for (t, ms) in &run.text_ms {
+            let pt = peer_num("text_ms", *t);
+            println!(
+                "{:<28} {:>10.2} {:>10} {:>10} {:>12}",
+                format!("{} text ms, {t} tokens", run.precision),
+                ms,
+                pt.map(|v| format!("{v:.2}")).unwrap_or("-".into()),
+                "-",
+                pt.map(|v| format!("{:.2}x faster", v / ms)).unwrap_or("-".into()),
+            );
+        }
     }
-    for (t, ms) in &text_ms {
-        let pt = peer_num("text_ms", *t);
-        println!(
-            "{:<28} {:>10.2} {:>10} {:>10} {:>12}",
-            format!("text query ms, {t} tokens"),
-            ms,
-            pt.map(|v| format!("{v:.2}")).unwrap_or("-".into()),
-            "-",
-            pt.map(|v| format!("{:.2}x faster", v / ms)).unwrap_or("-".into()),
-        );
+    if let Some(c) = worst_cos {
+        println!("bf16 vs f32 image embeddings: worst cosine {c:.6} over {} photos", photos.len());
+    }
+    println!("\nvision encoder per stage at batch 16 (ms per image; GFLOP/s; share of the measured peak: f32 FMA {f32_peak:.0}, BF16 dot {} GFLOP/s)", bf16_peak.map(|p| format!("{p:.0}")).unwrap_or("-".into()));
+    for run in &runs {
+        let peak = if run.precision == "bf16" { bf16_peak.unwrap_or(f32_peak) } else { f32_peak };
+        let total: f64 = run.stages.iter().map(|s| s.1).sum::<f64>() + run.other_ms;
+        println!("  {} ({total:.2} ms per image)", run.precision);
+        for (name, ms, gf) in &run.stages {
+            // Attention runs on the f32 kernels in both precisions.
+            let pk = if *name == "attention" { f32_peak } else { peak };
+            let rate = if *gf > 0.0 { format!("{gf:>7.0} GFLOP/s {:>4.0}%", gf / pk * 100.0) } else { String::new() };
+            println!("    {name:<22} {ms:>7.2} ms {:>5.1}%  {rate}", ms / total * 100.0);
+        }
+        println!("    {:<22} {:>7.2} ms {:>5.1}%", "outside the layers", run.other_ms, run.other_ms / total * 100.0);
     }
     println!("{:<28} {:>10.2}   (tokenize + embed \"{q}\", {q_tokens} tokens)", "text query ms, end to end", dt * 1000.0);
-    let pure = img_rate.iter().find(|(b, _)| *b == 16).map(|(_, r)| *r).unwrap();
+    let pure = runs
+        .iter()
+        .find(|r| r.precision == clip.precision())
+        .and_then(|r| r.img_rate.iter().find(|(b, _)| *b == 16))
+        .map(|(_, r)| *r)
+        .unwrap();
     println!(
-        "{:<28} {:>10.1}   ({n_jpegs} JPEGs of 4000x3000; {:.2}x of pure embedding at batch 16)",
+        "{:<28} {:>10.1}   ({n_jpegs} JPEGs of 4000x3000; {:.2}x of pure {} embedding at batch 16)",
         "indexing 12 MP JPEGs/s",
         index_rate,
-        index_rate / pure
+        index_rate / pure,
+        clip.precision()
     );
     if let Some(p) = &peer {
         println!("peers: torch {}, onnxruntime {}", p["torch"], p["onnxruntime_version"]);

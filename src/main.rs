@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use magpie_core::{Captioner, Device, GenerationOptions, ImageEmbedder, ImageId, TextEmbedder, VisualChat};
 use magpie_engine::{CaptionOptions, CaptionReport, IndexOptions, Library, LibraryConfig, SearchHit, SearchMode};
 use magpie_models::blip2::Precision;
-use magpie_models::{Blip2, Clip};
+use magpie_models::{Blip2, Clip, ClipPrecision};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -35,6 +35,10 @@ struct Global {
     /// CLIP model: a local Hugging Face directory or a hub id (downloaded once).
     #[arg(long, global = true, env = "MAGPIE_MODEL", default_value = DEFAULT_MODEL, value_name = "DIR|ID")]
     model: String,
+    /// How CLIP computes on a CPU: auto (bf16 where the CPU has AVX-512 BF16 dot
+    /// products, else f32), f32 or bf16. Embeddings agree with f32 to cosine ≥ 0.999.
+    #[arg(long, global = true, env = "MAGPIE_PRECISION", default_value = "auto", value_name = "PRECISION")]
+    precision: ClipPrecision,
     /// Captioning and chat model (BLIP-2): a local Hugging Face directory or a hub id.
     #[arg(long, global = true, env = "MAGPIE_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL, value_name = "DIR|ID")]
     caption_model: String,
@@ -209,8 +213,8 @@ fn data_dir(g: &Global) -> Result<PathBuf> {
 }
 
 fn load_model(g: &Global) -> Result<Arc<Clip>> {
-    let clip = Clip::load(&g.model, g.device).with_context(|| format!("loading model {}", g.model))?;
-    tracing::info!(model = %clip.info().id, dim = clip.info().dim, device = ?clip.device(), "model loaded");
+    let clip = Clip::load_with(&g.model, g.device, g.precision).with_context(|| format!("loading model {}", g.model))?;
+    tracing::info!(model = %clip.info().id, dim = clip.info().dim, device = ?clip.device(), precision = clip.precision(), "model loaded");
     Ok(Arc::new(clip))
 }
 
@@ -603,7 +607,14 @@ async fn run(cli: Cli) -> Result<()> {
                         println!("no library at {} yet: run `magpie index DIR`", dir.display());
                     }
                 }
-                Some(s) if g.json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Some(s) if g.json => {
+                    let mut v = serde_json::to_value(&s)?;
+                    if magpie_models::select_device(g.device).is_ok_and(|d| d.is_cpu()) {
+                        let isa = magpie_models::cpu::Isa::detect();
+                        v["compute"] = serde_json::json!({ "cpu": isa.name(), "clip_precision": g.precision.resolve(isa) });
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v)?)
+                }
                 Some(s) => {
                     println!("library   {}", s.data_dir.display());
                     match &s.model {
@@ -631,6 +642,9 @@ async fn run(cli: Cli) -> Result<()> {
                         None => println!("text      not built yet"),
                     }
                     println!("device    {}", describe_device(g.device));
+                    if magpie_models::select_device(g.device).is_ok_and(|d| d.is_cpu()) {
+                        println!("compute   CLIP in {}", g.precision.describe_cpu());
+                    }
                 }
             }
         }

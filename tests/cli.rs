@@ -78,7 +78,14 @@ fn index_search_similar_embed_status() {
     assert_eq!(status["counts"]["failed"], 2);
     assert!(status["model"]["id"].as_str().unwrap().starts_with("tiny-a@"));
     assert_eq!(status["index"]["up_to_date"], true);
+    // The CPU kernels and the precision CLIP runs in, and --precision f32 forcing f32.
+    let prec = status["compute"]["clip_precision"].as_str().unwrap();
+    assert!(prec == "bf16" || prec == "f32", "{status}");
+    assert_eq!(prec == "bf16", status["compute"]["cpu"] == "avx512bf16", "{status}");
+    assert_eq!(json(data.path(), &["--precision", "f32", "status"])["compute"]["clip_precision"], "f32");
+    assert!(!magpie(data.path(), &["--precision", "f8", "status"]).status.success());
     let human = ok(data.path(), &["status"]);
+    assert!(human.contains(&format!("compute   CLIP in {prec} on the CPU")), "{human}");
     assert!(human.contains("indexed") && human.contains("tiny-a@") && human.contains("up to date"), "{human}");
 
     let hits = json(data.path(), &["--model", &m, "search", "a photo of a cat", "-k", "3"]);

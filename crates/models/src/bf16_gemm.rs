@@ -56,6 +56,9 @@
 //! 800 × 768 · 768 × 3072 and the like), about 2.1× candle's f32 matmul; see
 //! `bench_gflops` in the tests.
 
+use crate::cpu::gemm::{task_grid, Epilogue, Init, SendPtr};
+use crate::cpu::math::{activate, Act};
+use crate::cpu::Isa;
 use rayon::prelude::*;
 
 /// Columns of a packed B panel, and of the micro-kernel's tile: 4 zmm vectors.
@@ -201,6 +204,12 @@ fn lines_as_words_mut(lines: &mut [Line]) -> &mut [u32] {
 ///
 /// Panics if the shapes disagree or the CPU lacks the instructions ([`available`]).
 pub fn gemm(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32]) {
+    gemm_ep(a, m, b, bias, c, Epilogue::STORE)
+}
+
+/// [`gemm`] with an epilogue: an activation applied by each task to its tile of C once
+/// stored, or accumulation into C (`c += a · b + bias`, a residual connection).
+pub fn gemm_ep(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32], ep: Epilogue) {
     let (k, n) = (b.k, b.n);
     assert_eq!(
         a.len(),
@@ -229,7 +238,7 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU features were just checked.
     unsafe {
-        x86::gemm::<MR, NV>(a, m, b, bias, c, &x86::Blocking::default())
+        x86::gemm::<MR, NV>(a, m, b, bias, c, &x86::Blocking::default(), ep)
     };
 }
 
@@ -262,28 +271,6 @@ mod x86 {
         }
     }
 
-    /// A pointer that may cross threads: the tasks write disjoint tiles of C.
-    #[derive(Clone, Copy)]
-    struct SendPtr(*mut f32);
-    unsafe impl Send for SendPtr {}
-    unsafe impl Sync for SendPtr {}
-    impl SendPtr {
-        /// (A method, so that closures capture the whole Send wrapper, not the raw field.)
-        fn get(self) -> *mut f32 {
-            self.0
-        }
-    }
-
-    /// How the micro-kernel starts its accumulators.
-    #[derive(Clone, Copy)]
-    enum Init {
-        Zero,
-        /// From the bias (pointer to the tile's first column).
-        Bias(*const f32),
-        /// From C (a later K block).
-        Load,
-    }
-
     /// [`super::gemm`] with a given micro-tile and blocking; shapes already checked.
     ///
     /// # Safety
@@ -295,6 +282,7 @@ mod x86 {
         bias: Option<&[f32]>,
         c: &mut [f32],
         blk: &Blocking,
+        ep: Epilogue,
     ) {
         let (k, n, kp) = (b.k, b.n, b.kp);
         let nr = NV * 16;
@@ -308,10 +296,13 @@ mod x86 {
         }
         if k == 0 {
             for row in c.chunks_mut(n) {
-                match bias {
-                    Some(bias) => row.copy_from_slice(bias),
-                    None => row.fill(0.0),
+                if !ep.accumulate {
+                    row.fill(0.0);
                 }
+                if let Some(bias) = bias {
+                    row.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
+                }
+                activate(Isa::Avx512, ep.act, row);
             }
             return;
         }
@@ -343,17 +334,7 @@ mod x86 {
         // rayon can even out the threads (and a busy core) by stealing.
         let kc = blk.kc.max(1);
         let (rt, pn) = (m.div_ceil(MR), n.div_ceil(nr));
-        let mut mt = rt.div_ceil((blk.mc / MR).max(1));
-        let mut nt = pn.div_ceil((blk.nc / nr).max(1));
-        let want = rayon::current_num_threads() * blk.tasks_per_thread;
-        while mt * nt < want && (mt < rt || nt < pn) {
-            // Split the longer side (in micro-tiles) further.
-            if nt < pn && (mt >= rt || pn / nt >= rt / mt) {
-                nt += 1;
-            } else {
-                mt += 1;
-            }
-        }
+        let (mt, nt) = task_grid(m, MR, pn, nr, blk.mc, blk.nc, blk.tasks_per_thread);
         let cptr = SendPtr(c.as_mut_ptr());
         let bias = bias.map(|b| b.as_ptr() as usize);
         (0..mt * nt).into_par_iter().for_each(|t| {
@@ -373,6 +354,7 @@ mod x86 {
                     rows,
                     panels,
                     kc,
+                    ep,
                 )
             };
         });
@@ -405,6 +387,7 @@ mod x86 {
         (m0, m1): (usize, usize),
         (p0, p1): (usize, usize),
         kc: usize,
+        ep: Epilogue,
     ) {
         const { assert!(MR <= 8, "tail_kernel covers up to 7 rows") };
         let (nr, kp, n) = (NV * 16, b.kp, b.n);
@@ -415,11 +398,7 @@ mod x86 {
                 let bp = b.panel(jp).as_ptr().add(k0 * nr);
                 let j = jp * nr;
                 let cols = nr.min(n - j);
-                let init = match (k0, bias) {
-                    (0, Some(bias)) => Init::Bias(bias.add(j)),
-                    (0, None) => Init::Zero,
-                    _ => Init::Load,
-                };
+                let init = Init::at(k0, bias.map(|p| p.add(j)), ep.accumulate);
                 let mut i = m0;
                 while i < m1 {
                     let rows = MR.min(m1 - i);
@@ -434,6 +413,12 @@ mod x86 {
                 }
             }
             k0 += kn;
+        }
+        if ep.act != Act::None && !ep.accumulate {
+            let (j0, j1) = (p0 * nr, (p1 * nr).min(n));
+            for i in m0..m1 {
+                activate(Isa::Avx512, ep.act, std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0));
+            }
         }
     }
 
@@ -504,7 +489,7 @@ mod x86 {
                     }
                 }
             }
-            Init::Load => {
+            Init::Load | Init::LoadBias(_) => {
                 for (r, row) in acc.iter_mut().enumerate() {
                     for (v, x) in row.iter_mut().enumerate() {
                         let p = c.add(r * ldc + v * 16);
@@ -513,6 +498,14 @@ mod x86 {
                         } else {
                             _mm512_maskz_loadu_ps(mask[v], p)
                         };
+                        if let Init::LoadBias(bias) = init {
+                            let b = if full {
+                                _mm512_loadu_ps(bias.add(v * 16))
+                            } else {
+                                _mm512_maskz_loadu_ps(mask[v], bias.add(v * 16))
+                            };
+                            *x = _mm512_add_ps(*x, b);
+                        }
                     }
                 }
             }
@@ -799,7 +792,7 @@ mod tests {
             };
             let mut c = vec![f32::NAN; m * n];
             // SAFETY: available() was checked above.
-            unsafe { x86::gemm::<MR, NV>(&a, m, &b, Some(&bias), &mut c, &blk) };
+            unsafe { x86::gemm::<MR, NV>(&a, m, &b, Some(&bias), &mut c, &blk, Epilogue::STORE) };
             assert!(
                 c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{blk:?}"

@@ -31,6 +31,7 @@
 pub mod bf16_gemm;
 pub mod blip2;
 pub mod clip;
+pub mod cpu;
 mod device;
 mod error;
 pub mod loader;

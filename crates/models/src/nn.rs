@@ -45,6 +45,11 @@ impl Drop for Bf16Scope {
     }
 }
 
+/// Whether a [`Bf16Scope`] asks for BF16 kernels on this thread.
+pub(crate) fn bf16_enabled() -> bool {
+    BF16_LINEARS.with(|c| c.get())
+}
+
 /// `l` packed for the BF16 kernel when a [`Bf16Scope`] asks for it (and the layer is a
 /// dense f32 layer on the CPU), else unchanged. Called where a model's big linear layers
 /// are built, after any fusing.

@@ -39,10 +39,33 @@ pub enum ClipPrecision {
     Auto,
     /// f32 throughout: the reference.
     F32,
-    /// The attention and MLP linear layers on the BF16 dot-product kernel (activations and
-    /// weights rounded to bf16, f32 accumulation); embeddings, LayerNorms, softmax and the
-    /// projections stay f32. Falls back to f32 where the CPU lacks the instructions.
+    /// The attention output projection and the MLP on the BF16 dot-product kernel
+    /// (activations and weights rounded to bf16, f32 accumulation); the QKV projection,
+    /// embeddings, LayerNorms, attention and the projections stay f32. Falls back to f32
+    /// where the CPU lacks the instructions.
     Bf16,
+}
+
+impl ClipPrecision {
+    /// What the transformer layers compute in on a CPU that has `isa`: `"bf16"` or `"f32"`.
+    pub fn resolve(self, isa: crate::cpu::Isa) -> &'static str {
+        if self != ClipPrecision::F32 && isa >= crate::cpu::Isa::Avx512Bf16 {
+            "bf16"
+        } else {
+            "f32"
+        }
+    }
+
+    /// A line for `magpie status`: what CLIP would compute in on this CPU, on which kernels,
+    /// and why.
+    pub fn describe_cpu(self) -> String {
+        let isa = crate::cpu::Isa::detect();
+        match (self, self.resolve(isa)) {
+            (_, "bf16") => format!("bf16 on the CPU ({isa} kernels: BF16 dot products, f32 attention; --precision f32 forces f32)"),
+            (ClipPrecision::F32, _) => format!("f32 on the CPU ({isa} kernels; asked for by --precision f32)"),
+            _ => format!("f32 on the CPU ({isa} kernels; this CPU has no AVX-512 BF16 dot products)"),
+        }
+    }
 }
 
 impl std::str::FromStr for ClipPrecision {
@@ -75,7 +98,7 @@ impl Clip {
 
     pub fn from_dir_with(dir: &ModelDir, device: magpie_core::Device, precision: ClipPrecision) -> Result<Self> {
         let device = crate::select_device(device)?;
-        let bf16 = precision != ClipPrecision::F32 && device.is_cpu() && crate::bf16_gemm::available();
+        let bf16 = device.is_cpu() && precision.resolve(crate::cpu::Isa::detect()) == "bf16";
         let config_path = dir.file("config.json");
         let config: ClipConfig = parse_json(&config_path, read_json(&config_path)?)?;
         config.validate().map_err(|message| Error::Config { path: config_path.clone(), message })?;
@@ -111,6 +134,11 @@ impl Clip {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The network itself.
+    pub fn clip_model(&self) -> &ClipModel {
+        &self.model
     }
 
     pub fn config(&self) -> &ClipConfig {

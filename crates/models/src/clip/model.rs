@@ -137,20 +137,102 @@ impl EncoderLayer {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Encoder {
-    layers: Vec<EncoderLayer>,
+/// The layers of a tower: on the CPU in f32, packed for [`crate::cpu`]'s kernels (in
+/// f32 or BF16); elsewhere candle's ops.
+#[derive(Debug)]
+enum Encoder {
+    Candle(Vec<EncoderLayer>),
+    Cpu { layers: Vec<crate::cpu::EncoderLayer>, scratch: std::sync::Mutex<Vec<crate::cpu::encoder::Scratch>> },
+}
+
+impl Clone for Encoder {
+    fn clone(&self) -> Self {
+        match self {
+            Encoder::Candle(l) => Encoder::Candle(l.clone()),
+            Encoder::Cpu { layers, .. } => Encoder::Cpu { layers: layers.clone(), scratch: Default::default() },
+        }
+    }
 }
 
 impl Encoder {
     fn new(d: EncoderDims, n: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("layers");
-        Ok(Self { layers: (0..n).map(|i| EncoderLayer::new(d, vb.pp(i))).collect::<Result<_>>()? })
+        if !(vb.device().is_cpu() && vb.dtype() == DType::F32) {
+            return Ok(Encoder::Candle((0..n).map(|i| EncoderLayer::new(d, vb.pp(i))).collect::<Result<_>>()?));
+        }
+        let precision = if crate::nn::bf16_enabled() { crate::cpu::Precision::Bf16 } else { crate::cpu::Precision::F32 };
+        let isa = crate::cpu::Isa::detect();
+        let layers = (0..n)
+            .map(|i| Ok(crate::cpu::EncoderLayer::new(&layer_weights(d, vb.pp(i))?, isa, precision)))
+            .collect::<Result<_>>()?;
+        Ok(Encoder::Cpu { layers, scratch: Default::default() })
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.layers.iter().try_fold(xs.clone(), |xs, l| l.forward(&xs, mask))
+        match self {
+            Encoder::Candle(layers) => layers.iter().try_fold(xs.clone(), |xs, l| l.forward(&xs, mask)),
+            Encoder::Cpu { layers, scratch } => {
+                let (b, s, h) = xs.dims3()?;
+                let mut x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+                let mask: Option<Vec<f32>> = mask.map(|m| m.flatten_all()?.to_vec1()).transpose()?;
+                let mut buf = scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
+                for l in layers {
+                    l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
+                }
+                scratch.lock().expect("scratch pool poisoned").push(buf);
+                Tensor::from_vec(x, (b, s, h), xs.device())
+            }
+        }
     }
+}
+
+impl Encoder {
+    /// Per-stage floating-point operations of one forward (see
+    /// [`crate::cpu::EncoderLayer::flops`]), when the layers run on the CPU kernels.
+    fn cpu_flops(&self, batch: usize, seq: usize) -> Option<[f64; 6]> {
+        let Encoder::Cpu { layers, .. } = self else { return None };
+        Some(layers.iter().fold([0.0; 6], |acc, l| {
+            let f = l.flops(batch, seq);
+            std::array::from_fn(|i| acc[i] + f[i])
+        }))
+    }
+}
+
+/// One encoder layer's weights, read for the CPU kernels (Q, K and V stacked).
+fn layer_weights(d: EncoderDims, vb: VarBuilder) -> Result<crate::cpu::LayerWeights> {
+    let (h, i) = (d.hidden, d.intermediate);
+    let get = |vb: VarBuilder, shape: &[usize], name: &str| -> Result<Vec<f32>> { vb.get(shape, name)?.flatten_all()?.to_vec1() };
+    let a = vb.pp("self_attn");
+    let mut qkv_w = Vec::with_capacity(3 * h * h);
+    let mut qkv_b = Vec::with_capacity(3 * h);
+    for p in ["q_proj", "k_proj", "v_proj"] {
+        qkv_w.extend(get(a.pp(p), &[h, h], "weight")?);
+        qkv_b.extend(get(a.pp(p), &[h], "bias")?);
+    }
+    let ln = |n: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(vb.pp(n), &[h], "weight")?, get(vb.pp(n), &[h], "bias")?)) };
+    let act = match d.act {
+        Activation::QuickGelu => crate::cpu::Act::QuickGelu,
+        Activation::Gelu => crate::cpu::Act::Gelu,
+        Activation::GeluTanh => crate::cpu::Act::GeluTanh,
+        Activation::Relu => crate::cpu::Act::Relu,
+    };
+    Ok(crate::cpu::LayerWeights {
+        hidden: h,
+        intermediate: i,
+        heads: d.heads,
+        eps: d.eps as f32,
+        act,
+        ln1: ln("layer_norm1")?,
+        qkv_w,
+        qkv_b,
+        out_w: get(a.pp("out_proj"), &[h, h], "weight")?,
+        out_b: get(a.pp("out_proj"), &[h], "bias")?,
+        ln2: ln("layer_norm2")?,
+        fc1_w: get(vb.pp("mlp").pp("fc1"), &[i, h], "weight")?,
+        fc1_b: get(vb.pp("mlp").pp("fc1"), &[i], "bias")?,
+        fc2_w: get(vb.pp("mlp").pp("fc2"), &[h, i], "weight")?,
+        fc2_b: get(vb.pp("mlp").pp("fc2"), &[h], "bias")?,
+    })
 }
 
 /// `CLIPTextTransformer`: token + position embeddings, causal encoder, final LayerNorm,
@@ -266,6 +348,12 @@ impl VisionTransformer {
             post_layernorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             cfg: c.clone(),
         })
+    }
+
+    /// Per-stage floating-point operations of the encoder for `batch` images, when it runs
+    /// on the CPU kernels (for benchmarks).
+    pub fn encoder_flops(&self, batch: usize) -> Option<[f64; 6]> {
+        self.encoder.cpu_flops(batch, self.cfg.num_patches() + 1)
     }
 
     /// Pooled features for pixel values of shape (batch, channels, image_size, image_size).

@@ -1,0 +1,703 @@
+//! f32 GEMM with weights packed at load time, and the dispatch between it and the BF16
+//! kernel ([`crate::bf16_gemm`]): `C = act(A · W + bias)` or `C += A · W + bias`.
+//!
+//! # Layout
+//!
+//! `W` (K × N) is cut into panels of [`NR`] = 64 columns; a panel holds, for each k, its
+//! 64 values (columns past N are zero), panels one after the other, 64-byte aligned. The
+//! micro-kernels stream a panel from the top while broadcasting A's values, so the
+//! weights are never re-packed per call (candle's matmul re-packs B on every call, 18% of
+//! a batch-1 CLIP forward).
+//!
+//! # Kernels
+//!
+//! * AVX-512: a 6 × 64 tile of C in 24 zmm accumulators; per k, 4 loads of B, 6
+//!   broadcasts of A and 24 FMAs.
+//! * AVX2 + FMA: a 6 × 16 tile in 12 ymm accumulators, run over the panel's four
+//!   16-column strips.
+//! * Scalar: plain loops over the same layout, for other CPUs and as the reference.
+//!
+//! The loops around them (Goto-style) are those of the BF16 kernel: a grid of tasks over
+//! rows × panels, K cut into blocks of [`KC`] values so that a panel's block stays in L2
+//! while every row tile of the task uses it. The activation is applied by the task to its
+//! own tile of C once its last K block is stored, while the tile is in cache.
+
+use super::math::{activate, Act};
+use super::Isa;
+use rayon::prelude::*;
+
+/// Columns of a packed panel.
+pub const NR: usize = 64;
+/// Rows of the micro-tile.
+const MR: usize = 6;
+/// K values per block.
+const KC: usize = 256;
+
+/// 64 bytes, so that each panel starts on a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// A K × N f32 weight, packed for the micro-kernels.
+#[derive(Clone, Default)]
+pub struct PackedF32 {
+    k: usize,
+    n: usize,
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedF32").field("k", &self.k).field("n", &self.n).finish()
+    }
+}
+
+impl PackedF32 {
+    /// From `w`, K × N row-major.
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "PackedF32::pack: w has {} values, not K·N = {k}·{n}", w.len());
+        let mut p = Self::default();
+        p.repack(k, n, |kk, j| w[kk * n + j]);
+        p
+    }
+
+    /// From `w_nk`, N × K row-major: PyTorch's `Linear.weight` (out × in) as stored.
+    pub fn pack_transposed(w_nk: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w_nk.len(), k * n, "PackedF32::pack_transposed: w has {} values, not N·K = {n}·{k}", w_nk.len());
+        let mut p = Self::default();
+        p.repack(k, n, |kk, j| w_nk[j * k + kk]);
+        p
+    }
+
+    /// Packs W[k][j] = `w(k, j)` into this buffer, reusing its memory.
+    pub fn repack(&mut self, k: usize, n: usize, w: impl Fn(usize, usize) -> f32) {
+        let panels = n.div_ceil(NR);
+        let lines = panels * k * NR / 16;
+        self.data.clear();
+        self.data.resize(lines, Line([0.0; 16]));
+        let all = lines_as_floats_mut(&mut self.data);
+        for jp in 0..panels {
+            let panel = &mut all[jp * k * NR..(jp + 1) * k * NR];
+            let cols = NR.min(n - jp * NR);
+            for kk in 0..k {
+                for jj in 0..cols {
+                    panel[kk * NR + jj] = w(kk, jp * NR + jj);
+                }
+            }
+        }
+        self.k = k;
+        self.n = n;
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panel_ptr(&self, jp: usize) -> *const f32 {
+        debug_assert!(jp < self.n.div_ceil(NR));
+        // SAFETY (of the add): panel jp starts inside (or at the end of) the buffer.
+        unsafe { (self.data.as_ptr() as *const f32).add(jp * self.k * NR) }
+    }
+}
+
+fn lines_as_floats_mut(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: a Line is 16 f32 with no padding.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, lines.len() * 16) }
+}
+
+/// A weight in the form one of the kernels takes.
+#[derive(Debug, Clone)]
+pub enum PackedWeight {
+    F32(PackedF32),
+    Bf16(std::sync::Arc<crate::bf16_gemm::PackedB>),
+}
+
+impl PackedWeight {
+    /// PyTorch's `out × in` weight, packed for f32 or (where the CPU has it) BF16.
+    pub fn from_torch(w_nk: &[f32], n: usize, k: usize, bf16: bool) -> Self {
+        if bf16 && crate::bf16_gemm::available() {
+            PackedWeight::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedB::pack_transposed(w_nk, n, k)))
+        } else {
+            PackedWeight::F32(PackedF32::pack_transposed(w_nk, n, k))
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        match self {
+            PackedWeight::F32(p) => p.k,
+            PackedWeight::Bf16(p) => p.k(),
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        match self {
+            PackedWeight::F32(p) => p.n,
+            PackedWeight::Bf16(p) => p.n(),
+        }
+    }
+
+    pub fn is_bf16(&self) -> bool {
+        matches!(self, PackedWeight::Bf16(_))
+    }
+}
+
+/// What the GEMM does with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epilogue {
+    /// Applied to `A·W + bias` before the store (only without `accumulate`).
+    pub act: Act,
+    /// `C += A·W + bias` (a residual connection) instead of `C = …`.
+    pub accumulate: bool,
+}
+
+impl Epilogue {
+    pub const STORE: Epilogue = Epilogue { act: Act::None, accumulate: false };
+    pub const ACCUMULATE: Epilogue = Epilogue { act: Act::None, accumulate: true };
+    pub fn act(act: Act) -> Self {
+        Epilogue { act, accumulate: false }
+    }
+}
+
+/// `c (M × N) = act(a (M × K) · w + bias)`, or `c += a · w + bias`; all row-major with
+/// rows of K and N values. Runs on rayon's pool with the kernels of `isa` (or the best
+/// the hardware has below it; a BF16 weight always runs on the BF16 kernel).
+pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, c: &mut [f32], ep: Epilogue) {
+    let (k, n) = (w.k(), w.n());
+    assert_eq!(a.len(), m * k, "cpu::gemm: a has {} values, not M·K = {m}·{k}", a.len());
+    assert_eq!(c.len(), m * n, "cpu::gemm: c has {} values, not M·N = {m}·{n}", c.len());
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "cpu::gemm: bias has {} values, not N = {n}", b.len());
+    }
+    assert!(!(ep.accumulate && ep.act != Act::None), "cpu::gemm: an activation cannot follow accumulation");
+    match w {
+        PackedWeight::Bf16(b) => crate::bf16_gemm::gemm_ep(a, m, b, bias, c, ep),
+        PackedWeight::F32(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep, true),
+    }
+}
+
+/// [`gemm`] with strides and on the calling thread only, for f32 weights: rows of `a` are
+/// `lda` apart, rows of `c` `ldc` apart (so a head's columns of a wider matrix can be
+/// read and written in place).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(isa: Isa, a: &[f32], lda: usize, m: usize, w: &PackedF32, c: &mut [f32], ldc: usize, ep: Epilogue) {
+    assert!(m == 0 || a.len() >= (m - 1) * lda + w.k, "cpu::gemm_strided: a too short");
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + w.n, "cpu::gemm_strided: c too short");
+    assert!(lda >= w.k && ldc >= w.n);
+    gemm_f32(isa.f32_level(), a, lda, m, w, None, c, ldc, ep, false)
+}
+
+/// A pointer that may cross threads: the tasks write disjoint tiles of C.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used to hand disjoint tiles of one buffer to the tasks of one call, which
+// all end before the call returns.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// (A method, so that closures capture the whole wrapper, not the raw field.)
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// How a micro-kernel starts its accumulators.
+#[derive(Clone, Copy)]
+pub(crate) enum Init {
+    Zero,
+    /// From the bias (a pointer to the tile's first column).
+    Bias(*const f32),
+    /// From C (a later K block, or accumulation).
+    Load,
+    /// From C plus the bias (accumulation, first K block).
+    LoadBias(*const f32),
+}
+
+impl Init {
+    /// The start of the K block at `k0` for a tile whose bias starts at `bias`.
+    pub(crate) fn at(k0: usize, bias: Option<*const f32>, accumulate: bool) -> Init {
+        match (k0, bias, accumulate) {
+            (0, Some(b), false) => Init::Bias(b),
+            (0, Some(b), true) => Init::LoadBias(b),
+            (0, None, false) => Init::Zero,
+            _ => Init::Load,
+        }
+    }
+}
+
+/// The task grid of one call: `(mt, nt)` row groups × panel groups, as even as whole
+/// micro-tiles allow, at most about `mc` rows × `nc` columns each, and at least
+/// `per_thread` per thread where the shape allows, so that rayon can even out the threads
+/// (and a core another process is using) by stealing. Shared with the BF16 kernel.
+pub(crate) fn task_grid(m: usize, mr: usize, panels: usize, nr: usize, mc: usize, nc: usize, per_thread: usize) -> (usize, usize) {
+    let rt = m.div_ceil(mr);
+    let mut mt = rt.div_ceil((mc / mr).max(1)).max(1);
+    let mut nt = panels.div_ceil((nc / nr).max(1)).max(1);
+    let want = rayon::current_num_threads() * per_thread;
+    while mt * nt < want && (mt < rt || nt < panels) {
+        // Split the longer side (in micro-tiles) further.
+        if nt < panels && (mt >= rt || panels / nt >= rt / mt) {
+            nt += 1;
+        } else {
+            mt += 1;
+        }
+    }
+    (mt, nt)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    isa: Isa,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &PackedF32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    ep: Epilogue,
+    parallel: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in c.chunks_mut(ldc).take(m) {
+            let row = &mut row[..n];
+            if !ep.accumulate {
+                row.fill(0.0);
+            }
+            if let Some(bias) = bias {
+                row.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
+            }
+            activate(isa, ep.act, row);
+        }
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let cptr = SendPtr(c.as_mut_ptr());
+    let bias = bias.map(|b| b.as_ptr() as usize);
+    let run = |rows: (usize, usize), pans: (usize, usize)| {
+        // SAFETY: the task writes rows × panels of C only, inside the buffer (checked by
+        // the callers' length asserts), and no other task of this call touches them; the
+        // level was capped to the hardware by f32_level().
+        unsafe { task(isa, a.as_ptr(), lda, b, bias.map(|p| p as *const f32), cptr.get(), ldc, rows, pans, ep) }
+    };
+    if !parallel {
+        return run((0, m), (0, panels));
+    }
+    let (mt, nt) = task_grid(m, MR, panels, NR, 512, 192, 4);
+    let rt = m.div_ceil(MR);
+    (0..mt * nt).into_par_iter().for_each(|t| {
+        let (g, h) = (t / nt, t % nt);
+        run((g * rt / mt * MR, ((g + 1) * rt / mt * MR).min(m)), (h * panels / nt, (h + 1) * panels / nt));
+    });
+}
+
+/// One task: C[rows, panels] over all of K, then its activation.
+///
+/// # Safety
+/// `a` holds rows `m0..m1` of K values `lda` apart, `c` rows `ldc` apart covering the
+/// panels' columns (up to N), `bias` (if any) N values, and `isa` is at most what the
+/// hardware has.
+#[allow(clippy::too_many_arguments)]
+unsafe fn task(
+    isa: Isa,
+    a: *const f32,
+    lda: usize,
+    b: &PackedF32,
+    bias: Option<*const f32>,
+    c: *mut f32,
+    ldc: usize,
+    (m0, m1): (usize, usize),
+    (p0, p1): (usize, usize),
+    ep: Epilogue,
+) {
+    let (k, n) = (b.k, b.n);
+    let mut k0 = 0;
+    while k0 < k {
+        let kn = KC.min(k - k0);
+        for jp in p0..p1 {
+            let bp = b.panel_ptr(jp).add(k0 * NR);
+            let j = jp * NR;
+            let cols = NR.min(n - j);
+            let init = Init::at(k0, bias.map(|p| p.add(j)), ep.accumulate);
+            let mut i = m0;
+            while i < m1 {
+                let rows = MR.min(m1 - i);
+                let ap = a.add(i * lda + k0);
+                let cp = c.add(i * ldc + j);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Avx512Bf16 => x86::tile512(rows, kn, ap, lda, bp, cp, ldc, cols, init),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => {
+                        for s in 0..NR / 16 {
+                            let sc = cols.saturating_sub(s * 16).min(16);
+                            if sc == 0 {
+                                break;
+                            }
+                            let init = match init {
+                                Init::Bias(p) => Init::Bias(p.add(s * 16)),
+                                Init::LoadBias(p) => Init::LoadBias(p.add(s * 16)),
+                                other => other,
+                            };
+                            x86::tile256(rows, kn, ap, lda, bp.add(s * 16), cp.add(s * 16), ldc, sc, init);
+                        }
+                    }
+                    _ => tile_scalar(rows, kn, ap, lda, bp, cp, ldc, cols, init),
+                }
+                i += MR;
+            }
+        }
+        k0 += kn;
+    }
+    if ep.act != Act::None && !ep.accumulate {
+        let (j0, j1) = (p0 * NR, (p1 * NR).min(n));
+        for i in m0..m1 {
+            activate(isa, ep.act, std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0));
+        }
+    }
+}
+
+/// The portable micro-kernel: `rows` × `cols` of C over `kn` values of K.
+///
+/// # Safety
+/// As for the SIMD kernels: `a` rows `lda` apart with `kn` values, `b` `kn` rows of
+/// [`NR`], `c` rows `ldc` apart with `cols` values, the bias `cols` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_scalar(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    for r in 0..rows {
+        let cr = c.add(r * ldc);
+        let mut acc = [0f32; NR];
+        for (j, x) in acc.iter_mut().enumerate().take(cols) {
+            *x = match init {
+                Init::Zero => 0.0,
+                Init::Bias(p) => *p.add(j),
+                Init::Load => *cr.add(j),
+                Init::LoadBias(p) => *cr.add(j) + *p.add(j),
+            };
+        }
+        let ar = a.add(r * lda);
+        for p in 0..kn {
+            let x = *ar.add(p);
+            let brow = std::slice::from_raw_parts(b.add(p * NR), NR);
+            for (acc, w) in acc.iter_mut().zip(brow) {
+                *acc += x * w;
+            }
+        }
+        for (j, x) in acc.iter().enumerate().take(cols) {
+            *cr.add(j) = *x;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Init, NR};
+    use std::arch::x86_64::*;
+
+    /// A tile of up to 6 rows: one kernel instance per row count.
+    ///
+    /// # Safety
+    /// AVX-512 F present; pointers as for [`kernel512`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile512(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+        match rows {
+            6 => kernel512::<6>(kn, a, lda, b, c, ldc, cols, init),
+            5 => kernel512::<5>(kn, a, lda, b, c, ldc, cols, init),
+            4 => kernel512::<4>(kn, a, lda, b, c, ldc, cols, init),
+            3 => kernel512::<3>(kn, a, lda, b, c, ldc, cols, init),
+            2 => kernel512::<2>(kn, a, lda, b, c, ldc, cols, init),
+            1 => kernel512::<1>(kn, a, lda, b, c, ldc, cols, init),
+            _ => unreachable!("cpu::gemm: tile of {rows} rows"),
+        }
+    }
+
+    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..kn] · B[0..kn, 0..64].
+    ///
+    /// # Safety
+    /// AVX-512 F present; `a` has R rows of `kn` readable values `lda` apart; `b` `kn`
+    /// rows of 64 values (64-byte aligned not required); `c` R rows `ldc` apart with
+    /// `cols ≤ 64` writable values; a bias pointer `cols` readable values.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel512<const R: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+        const NV: usize = NR / 16;
+        let full = cols == NR;
+        let mut mask = [0u16; NV];
+        for (v, m) in mask.iter_mut().enumerate() {
+            *m = ((1u32 << cols.saturating_sub(v * 16).min(16)) - 1) as u16;
+        }
+        let load = |p: *const f32, v: usize| if full { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps(mask[v], p) };
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        match init {
+            Init::Zero => {}
+            Init::Bias(bias) => {
+                for v in 0..NV {
+                    let x = load(bias.add(v * 16), v);
+                    for row in acc.iter_mut() {
+                        row[v] = x;
+                    }
+                }
+            }
+            Init::Load | Init::LoadBias(_) => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = load(c.add(r * ldc + v * 16), v);
+                        if let Init::LoadBias(bias) = init {
+                            *x = _mm512_add_ps(*x, load(bias.add(v * 16), v));
+                        }
+                    }
+                }
+            }
+        }
+        let mut ap = [a; R];
+        for (r, p) in ap.iter_mut().enumerate() {
+            *p = a.add(r * lda);
+        }
+        let mut bp = b;
+        for p in 0..kn {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(bp.add(v * 16));
+            }
+            for r in 0..R {
+                let av = _mm512_set1_ps(*ap[r].add(p));
+                for v in 0..NV {
+                    acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+                }
+            }
+            bp = bp.add(NR);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                let p = c.add(r * ldc + v * 16);
+                if full {
+                    _mm512_storeu_ps(p, *x);
+                } else {
+                    _mm512_mask_storeu_ps(p, mask[v], *x);
+                }
+            }
+        }
+    }
+
+    /// A tile of up to 6 rows × 16 columns (one strip of a panel).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; pointers as for [`kernel256`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile256(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+        match rows {
+            6 => kernel256::<6>(kn, a, lda, b, c, ldc, cols, init),
+            5 => kernel256::<5>(kn, a, lda, b, c, ldc, cols, init),
+            4 => kernel256::<4>(kn, a, lda, b, c, ldc, cols, init),
+            3 => kernel256::<3>(kn, a, lda, b, c, ldc, cols, init),
+            2 => kernel256::<2>(kn, a, lda, b, c, ldc, cols, init),
+            1 => kernel256::<1>(kn, a, lda, b, c, ldc, cols, init),
+            _ => unreachable!("cpu::gemm: tile of {rows} rows"),
+        }
+    }
+
+    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..kn] · B strip[0..kn, 0..16] (B rows 64 apart).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `a` R rows of `kn` values `lda` apart; `b` `kn` rows of 16
+    /// readable values, [`NR`] apart; `c` R rows `ldc` apart with `cols ≤ 16` writable
+    /// values; a bias pointer `cols` readable values.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel256<const R: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+        // Partial strips go through a 16-value buffer per row (loads and stores only).
+        let full = cols == 16;
+        let load = |p: *const f32| -> [__m256; 2] {
+            if full {
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+            } else {
+                let mut t = [0f32; 16];
+                std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), cols);
+                [_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))]
+            }
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        match init {
+            Init::Zero => {}
+            Init::Bias(bias) => {
+                let x = load(bias);
+                for row in acc.iter_mut() {
+                    *row = x;
+                }
+            }
+            Init::Load | Init::LoadBias(_) => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    *row = load(c.add(r * ldc));
+                    if let Init::LoadBias(bias) = init {
+                        let bv = load(bias);
+                        row[0] = _mm256_add_ps(row[0], bv[0]);
+                        row[1] = _mm256_add_ps(row[1], bv[1]);
+                    }
+                }
+            }
+        }
+        let mut ap = [a; R];
+        for (r, p) in ap.iter_mut().enumerate() {
+            *p = a.add(r * lda);
+        }
+        let mut bp = b;
+        for p in 0..kn {
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*ap[r].add(p));
+                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+            }
+            bp = bp.add(NR);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let p = c.add(r * ldc);
+            if full {
+                _mm256_storeu_ps(p, row[0]);
+                _mm256_storeu_ps(p.add(8), row[1]);
+            } else {
+                let mut t = [0f32; 16];
+                _mm256_storeu_ps(t.as_mut_ptr(), row[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), row[1]);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), p, cols);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn f32(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        pub fn vec(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.f32()).collect()
+        }
+    }
+
+    /// act(a·w + bias) (+ c0) in f64, w K × N row-major.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, c0: Option<&[f32]>, act: Act) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = bias.map_or(0.0, |b| b[j] as f64);
+                for kk in 0..k {
+                    s += a[i * k + kk] as f64 * w[kk * n + j] as f64;
+                }
+                if let Some(c0) = c0 {
+                    s += c0[i * n + j] as f64;
+                }
+                let mut v = [s as f32];
+                activate(Isa::Scalar, act, &mut v);
+                c[i * n + j] = if act == Act::None { s } else { v[0] as f64 };
+            }
+        }
+        c
+    }
+
+    fn levels() -> Vec<Isa> {
+        let mut v: Vec<Isa> = Isa::ALL.iter().map(|i| i.f32_level()).collect();
+        v.dedup();
+        v
+    }
+
+    #[test]
+    fn every_level_matches_the_naive_product() {
+        let mut rng = Rng(0xfeed_beef);
+        let shapes = [(1, 1, 1), (1, 7, 65), (5, 64, 64), (6, 33, 17), (7, 300, 130), (13, 257, 200), (50, 64, 50), (61, 513, 129)];
+        for isa in levels() {
+            for &(m, k, n) in &shapes {
+                for (with_bias, ep) in [(false, Epilogue::STORE), (true, Epilogue::act(Act::QuickGelu)), (true, Epilogue::ACCUMULATE), (false, Epilogue::ACCUMULATE)] {
+                    let (a, w, bias, c0) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n), rng.vec(m * n));
+                    let bias = with_bias.then_some(&bias[..]);
+                    let pw = PackedWeight::F32(PackedF32::pack(&w, k, n));
+                    let mut c = if ep.accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
+                    gemm(isa, &a, m, &pw, bias, &mut c, ep);
+                    let want = naive(&a, m, k, &w, n, bias, ep.accumulate.then_some(&c0[..]), ep.act);
+                    for (idx, (x, y)) in c.iter().zip(&want).enumerate() {
+                        let tol = 1e-5 * (k as f64).sqrt() * (1.0 + y.abs());
+                        assert!((*x as f64 - y).abs() <= tol, "{isa} M={m} K={k} N={n} {ep:?}: c[{idx}] = {x}, want {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_runs_in_place_on_part_of_a_matrix() {
+        // A head's 8 columns of a 5 × 24 matrix, times an 8 × 6 weight, into columns
+        // 10..16 of a 5 × 20 output; the rest untouched.
+        let mut rng = Rng(11);
+        let (m, lda, k, n, ldc) = (5, 24, 8, 6, 20);
+        let big = rng.vec(m * lda);
+        let w = rng.vec(k * n);
+        let pw = PackedF32::pack(&w, k, n);
+        for isa in levels() {
+            let mut out = vec![-7.0f32; m * ldc];
+            gemm_strided(isa, &big[3..], lda, m, &pw, &mut out[10..], ldc, Epilogue::STORE);
+            for i in 0..m {
+                for j in 0..ldc {
+                    let got = out[i * ldc + j];
+                    if (10..16).contains(&j) {
+                        let want: f32 = (0..k).map(|kk| big[3 + i * lda + kk] * w[kk * n + j - 10]).sum();
+                        assert!((got - want).abs() < 1e-5, "{isa} [{i}][{j}] {got} vs {want}");
+                    } else {
+                        assert_eq!(got, -7.0, "{isa}: [{i}][{j}] was written");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_layouts_agree_and_k_zero_gives_the_bias() {
+        let mut rng = Rng(5);
+        let (k, n) = (9, 70);
+        let w = rng.vec(k * n);
+        let mut w_nk = vec![0f32; n * k];
+        for kk in 0..k {
+            for j in 0..n {
+                w_nk[j * k + kk] = w[kk * n + j];
+            }
+        }
+        let (p1, p2) = (PackedF32::pack(&w, k, n), PackedF32::pack_transposed(&w_nk, n, k));
+        let f = |p: &PackedF32| p.data.iter().flat_map(|l| l.0).map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(f(&p1), f(&p2));
+        // Second panel, k = 2, column 65 → W[2][65]; the padding is zero.
+        assert_eq!(f(&p1)[k * NR + 2 * NR + 1], w[2 * n + 65].to_bits());
+        assert_eq!(f(&p1)[k * NR + 2 * NR + 6], 0);
+        let z = PackedWeight::F32(PackedF32::pack(&[], 0, 3));
+        let mut c = vec![f32::NAN; 6];
+        gemm(Isa::Scalar, &[], 2, &z, Some(&[1.0, 2.0, 3.0]), &mut c, Epilogue::STORE);
+        assert_eq!(c, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "not M·K")]
+    fn shape_mismatch_panics() {
+        let w = PackedWeight::F32(PackedF32::pack(&[0.0; 6], 2, 3));
+        gemm(Isa::Scalar, &[0.0; 5], 2, &w, None, &mut [0.0; 6], Epilogue::STORE);
+    }
+}

@@ -1,0 +1,128 @@
+//! Transformer inference on the CPU without candle's per-op overheads: weights packed once
+//! at load time for our own GEMM micro-kernels, bias, activation and residual fused into
+//! the GEMM's store, attention per (image, head) on the thread pool, and buffers reused
+//! from layer to layer.
+//!
+//! The kernels are chosen at run time by what the CPU has ([`Isa::detect`]): AVX-512 BF16
+//! dot products ([`crate::bf16_gemm`]), AVX-512 F, AVX2 + FMA, or portable scalar code.
+//! Every path can be forced (tests run each one; `MAGPIE_CPU_ISA=avx2` caps a whole
+//! process), and a path the CPU lacks is never taken: asking for one falls back to the
+//! best the CPU has below it.
+//!
+//! Used by CLIP's two towers and BLIP-2's vision encoder on the CPU ([`encoder`]); GPUs
+//! keep candle's ops.
+
+pub mod encoder;
+pub mod gemm;
+pub mod math;
+
+pub use encoder::{EncoderLayer, LayerWeights, Precision};
+pub use gemm::{Epilogue, PackedF32, PackedWeight};
+pub use math::Act;
+
+/// An instruction-set level for the CPU kernels, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Plain Rust, any CPU.
+    Scalar,
+    /// x86-64 AVX2 + FMA: 8-wide f32.
+    Avx2,
+    /// x86-64 AVX-512 F: 16-wide f32.
+    Avx512,
+    /// AVX-512 F + BW + BF16: BF16 dot products (the f32 kernels run as `Avx512`).
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// Every level, lowest first.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+
+    /// The best level this CPU has, capped by `MAGPIE_CPU_ISA` when that is set (read once).
+    pub fn detect() -> Isa {
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let hw = Self::hardware();
+            match std::env::var("MAGPIE_CPU_ISA") {
+                Ok(v) => match v.parse::<Isa>() {
+                    Ok(cap) => hw.min(cap),
+                    Err(e) => {
+                        tracing::warn!("MAGPIE_CPU_ISA: {e}; using {}", hw.name());
+                        hw
+                    }
+                },
+                Err(_) => hw,
+            }
+        })
+    }
+
+    /// The best level the hardware has, ignoring `MAGPIE_CPU_ISA`.
+    pub fn hardware() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = is_x86_feature_detected!("avx512f");
+            if f && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
+            if f {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// `self`, or the best level below it that the hardware has.
+    pub fn supported(self) -> Isa {
+        self.min(Self::hardware())
+    }
+
+    /// The level the f32 kernels run at (BF16 hardware runs f32 as AVX-512).
+    pub(crate) fn f32_level(self) -> Isa {
+        self.supported().min(Isa::Avx512)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown CPU level `{s}` (scalar, avx2, avx512 or avx512bf16)"))
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_fall_back_to_the_hardware() {
+        let hw = Isa::hardware();
+        for isa in Isa::ALL {
+            assert!(isa.supported() <= hw);
+            assert!(isa.supported() <= isa);
+            assert!(isa.f32_level() <= Isa::Avx512);
+            assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
+        }
+        assert!(Isa::detect() <= hw);
+        assert!("sse9".parse::<Isa>().unwrap_err().contains("sse9"));
+    }
+}
