@@ -20,17 +20,15 @@ pub struct Linear {
 enum Weight {
     Dense(Tensor),
     Quantized(QMatMul),
-    /// Packed for the AVX-512 BF16 dot-product kernel ([`crate::bf16_gemm`]).
-    Bf16(std::sync::Arc<crate::bf16_gemm::PackedB>),
 }
 
 thread_local! {
-    /// Set while a model loads with BF16 kernels: [`bf16_if_enabled`] then packs.
+    /// Set while a model loads with BF16 kernels: the CPU encoders then pack for them.
     static BF16_LINEARS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While alive, [`bf16_if_enabled`] packs dense f32 linear layers for the BF16 kernel (on
-/// this thread: models are built synchronously by their loader).
+/// While alive, encoders built on the CPU use the BF16 kernel ([`crate::cpu::Precision`];
+/// on this thread: models are built synchronously by their loader).
 pub(crate) struct Bf16Scope(bool);
 
 impl Bf16Scope {
@@ -50,17 +48,6 @@ pub(crate) fn bf16_enabled() -> bool {
     BF16_LINEARS.with(|c| c.get())
 }
 
-/// `l` packed for the BF16 kernel when a [`Bf16Scope`] asks for it (and the layer is a
-/// dense f32 layer on the CPU), else unchanged. Called where a model's big linear layers
-/// are built, after any fusing.
-pub(crate) fn bf16_if_enabled(l: Linear) -> Result<Linear> {
-    if BF16_LINEARS.with(|c| c.get()) {
-        l.to_bf16()
-    } else {
-        Ok(l)
-    }
-}
-
 impl Linear {
     pub(crate) fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let w = vb.get((out_dim, in_dim), "weight")?;
@@ -74,20 +61,6 @@ impl Linear {
         Ok(Self { weight: Weight::Dense(w.t()?.contiguous()?), bias, out_dim })
     }
 
-    /// The same layer with its weight packed for the BF16 dot-product kernel: activations
-    /// and weights rounded to bf16, products accumulated in f32. Only for dense f32 layers
-    /// on the CPU; anything else is returned unchanged.
-    pub(crate) fn to_bf16(self) -> Result<Self> {
-        let Weight::Dense(wt) = &self.weight else { return Ok(self) };
-        if wt.dtype() != DType::F32 || !wt.device().is_cpu() || !crate::bf16_gemm::available() {
-            return Ok(self);
-        }
-        let (k, n) = wt.dims2()?;
-        let data: Vec<f32> = wt.flatten_all()?.to_vec1()?;
-        let packed = crate::bf16_gemm::PackedB::pack(&data, k, n);
-        Ok(Self { weight: Weight::Bf16(std::sync::Arc::new(packed)), bias: self.bias, out_dim: self.out_dim })
-    }
-
     /// Several linears with the same input fused into one (outputs concatenated). All must
     /// be dense (fuse first, quantize after).
     pub(crate) fn fused(parts: Vec<Linear>) -> Result<Self> {
@@ -95,7 +68,7 @@ impl Linear {
         for p in &parts {
             match &p.weight {
                 Weight::Dense(wt) => wts.push(wt),
-                Weight::Quantized(_) | Weight::Bf16(_) => candle_core::bail!("cannot fuse quantized or packed linear layers"),
+                Weight::Quantized(_) => candle_core::bail!("cannot fuse quantized linear layers"),
             }
         }
         let wt = Tensor::cat(&wts, 1)?;
@@ -111,7 +84,7 @@ impl Linear {
     pub(crate) fn quantized(self, dtype: GgmlDType) -> Result<Self> {
         match &self.weight {
             Weight::Dense(wt) => Self::from_weight_quantized(&wt.t()?, self.bias.clone(), dtype),
-            Weight::Quantized(_) | Weight::Bf16(_) => Ok(self),
+            Weight::Quantized(_) => Ok(self),
         }
     }
 
@@ -140,20 +113,6 @@ impl Module for Linear {
         let y = match &self.weight {
             Weight::Dense(wt) => x2.matmul(wt)?,
             Weight::Quantized(q) => q.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?,
-            Weight::Bf16(packed) => {
-                // The kernel adds the bias itself.
-                let a: Vec<f32> = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let bias: Option<Vec<f32>> = match &self.bias {
-                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-                    None => None,
-                };
-                let mut c = vec![0f32; rows * self.out_dim];
-                crate::bf16_gemm::gemm(&a, rows, packed, bias.as_deref(), &mut c);
-                let y = Tensor::from_vec(c, (rows, self.out_dim), x.device())?;
-                let mut out = dims.to_vec();
-                *out.last_mut().expect("non-empty") = self.out_dim;
-                return y.to_dtype(x.dtype())?.reshape(out);
-            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -6,7 +6,7 @@
 
 use super::config::VisionConfig;
 use crate::clip::config::Activation;
-use crate::nn::{attention, bf16_if_enabled, LayerNorm, Linear};
+use crate::nn::{attention, bf16_enabled, LayerNorm, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -85,8 +85,8 @@ impl Attention {
         };
         let head_dim = h / c.num_attention_heads;
         Ok(Self {
-            qkv: bf16_if_enabled(Linear::from_weight(&w, bias)?)?,
-            projection: bf16_if_enabled(Linear::new(h, h, true, vb.pp("projection"))?)?,
+            qkv: Linear::from_weight(&w, bias)?,
+            projection: Linear::new(h, h, true, vb.pp("projection"))?,
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -115,8 +115,8 @@ struct Mlp {
 impl Mlp {
     fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: bf16_if_enabled(Linear::new(c.hidden_size, c.intermediate_size, true, vb.pp("fc1"))?)?,
-            fc2: bf16_if_enabled(Linear::new(c.intermediate_size, c.hidden_size, true, vb.pp("fc2"))?)?,
+            fc1: Linear::new(c.hidden_size, c.intermediate_size, true, vb.pp("fc1"))?,
+            fc2: Linear::new(c.intermediate_size, c.hidden_size, true, vb.pp("fc2"))?,
             act: c.hidden_act,
         })
     }
@@ -151,28 +151,98 @@ impl EncoderLayer {
     }
 }
 
+/// The encoder layers: on the CPU in f32, packed for [`crate::cpu`]'s kernels (BF16 ones
+/// in the quantized modes); elsewhere candle's ops.
+#[derive(Debug, Clone)]
+enum Layers {
+    Candle(Vec<EncoderLayer>),
+    Cpu(crate::cpu::Stack),
+}
+
+/// One layer's weights for the CPU kernels: the fused `qkv` weight as stored, its bias
+/// `cat(q_bias, 0, v_bias)`.
+fn layer_weights(c: &VisionConfig, vb: VarBuilder) -> Result<crate::cpu::LayerWeights> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let get = |vb: &VarBuilder, shape: &[usize], name: &str| -> Result<Vec<f32>> { vb.get(shape, name)?.flatten_all()?.to_vec1() };
+    let a = vb.pp("self_attn");
+    let qkv_b = if !c.qkv_bias {
+        vec![0.0; 3 * h]
+    } else if a.contains_tensor("q_bias") && !a.pp("qkv").contains_tensor("bias") {
+        let mut b = get(&a, &[h], "q_bias")?;
+        b.extend(std::iter::repeat_n(0.0, h));
+        b.extend(get(&a, &[h], "v_bias")?);
+        b
+    } else {
+        get(&a.pp("qkv"), &[3 * h], "bias")?
+    };
+    let ln = |n: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(&vb.pp(n), &[h], "weight")?, get(&vb.pp(n), &[h], "bias")?)) };
+    let (fc1, fc2) = (vb.pp("mlp").pp("fc1"), vb.pp("mlp").pp("fc2"));
+    Ok(crate::cpu::LayerWeights {
+        hidden: h,
+        intermediate: i,
+        heads: c.num_attention_heads,
+        eps: c.layer_norm_eps as f32,
+        act: c.hidden_act.into(),
+        ln1: ln("layer_norm1")?,
+        qkv_w: get(&a.pp("qkv"), &[3 * h, h], "weight")?,
+        qkv_b,
+        out_w: get(&a.pp("projection"), &[h, h], "weight")?,
+        out_b: get(&a.pp("projection"), &[h], "bias")?,
+        ln2: ln("layer_norm2")?,
+        fc1_w: get(&fc1, &[i, h], "weight")?,
+        fc1_b: get(&fc1, &[i], "bias")?,
+        fc2_w: get(&fc2, &[h, i], "weight")?,
+        fc2_b: get(&fc2, &[h], "bias")?,
+    })
+}
+
 /// `Blip2VisionModel`: embeddings, encoder, `post_layernorm` over every position.
 #[derive(Debug, Clone)]
 pub struct VisionModel {
     embeddings: VisionEmbeddings,
-    layers: Vec<EncoderLayer>,
+    layers: Layers,
     post_layernorm: LayerNorm,
+    seq: usize,
 }
 
 impl VisionModel {
     pub fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let lv = vb.pp("encoder").pp("layers");
+        let layers = if vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32 {
+            let precision = if bf16_enabled() { crate::cpu::Precision::Bf16WithQkv } else { crate::cpu::Precision::F32 };
+            let isa = crate::cpu::Isa::detect();
+            Layers::Cpu(crate::cpu::Stack::new(
+                (0..c.num_hidden_layers)
+                    .map(|i| Ok(crate::cpu::EncoderLayer::new(&layer_weights(c, lv.pp(i))?, isa, precision)))
+                    .collect::<Result<_>>()?,
+            ))
+        } else {
+            Layers::Candle((0..c.num_hidden_layers).map(|i| EncoderLayer::new(c, lv.pp(i))).collect::<Result<_>>()?)
+        };
         Ok(Self {
             embeddings: VisionEmbeddings::new(c, vb.pp("embeddings"))?,
-            layers: (0..c.num_hidden_layers).map(|i| EncoderLayer::new(c, lv.pp(i))).collect::<Result<_>>()?,
+            layers,
             post_layernorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
+            seq: c.num_positions(),
         })
     }
 
     /// `last_hidden_state` (batch, 1 + patches, hidden) for pixel values (batch, 3, size, size).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let xs = self.embeddings.forward(pixels)?;
-        let xs = self.layers.iter().try_fold(xs, |xs, l| l.forward(&xs))?;
+        let xs = match &self.layers {
+            Layers::Candle(layers) => layers.iter().try_fold(xs, |xs, l| l.forward(&xs))?,
+            Layers::Cpu(stack) => stack.forward(&xs, None)?,
+        };
         self.post_layernorm.forward(&xs)
+    }
+
+    /// Per-stage floating-point operations of the encoder for `batch` images, when it runs
+    /// on the CPU kernels (for benchmarks).
+    pub fn encoder_flops(&self, batch: usize) -> Option<[f64; 6]> {
+        match &self.layers {
+            Layers::Cpu(stack) => Some(stack.flops(batch, self.seq)),
+            Layers::Candle(_) => None,
+        }
     }
 }

@@ -10,7 +10,6 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 pub use crate::nn::Linear;
-use crate::nn::bf16_if_enabled;
 
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -64,11 +63,11 @@ struct Attention {
 impl Attention {
     fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
         let lin = |n: &str| Linear::new(d.hidden, d.hidden, true, vb.pp(n));
-        let qkv = bf16_if_enabled(Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?)?;
+        let qkv = Linear::fused(vec![lin("q_proj")?, lin("k_proj")?, lin("v_proj")?])?;
         let head_dim = d.hidden / d.heads;
         Ok(Self {
             qkv,
-            out_proj: bf16_if_enabled(lin("out_proj")?)?,
+            out_proj: lin("out_proj")?,
             heads: d.heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -102,8 +101,8 @@ struct Mlp {
 impl Mlp {
     fn new(d: EncoderDims, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: bf16_if_enabled(Linear::new(d.hidden, d.intermediate, true, vb.pp("fc1"))?)?,
-            fc2: bf16_if_enabled(Linear::new(d.intermediate, d.hidden, true, vb.pp("fc2"))?)?,
+            fc1: Linear::new(d.hidden, d.intermediate, true, vb.pp("fc1"))?,
+            fc2: Linear::new(d.intermediate, d.hidden, true, vb.pp("fc2"))?,
             act: d.act,
         })
     }
@@ -139,19 +138,10 @@ impl EncoderLayer {
 
 /// The layers of a tower: on the CPU in f32, packed for [`crate::cpu`]'s kernels (in
 /// f32 or BF16); elsewhere candle's ops.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Encoder {
     Candle(Vec<EncoderLayer>),
-    Cpu { layers: Vec<crate::cpu::EncoderLayer>, scratch: std::sync::Mutex<Vec<crate::cpu::encoder::Scratch>> },
-}
-
-impl Clone for Encoder {
-    fn clone(&self) -> Self {
-        match self {
-            Encoder::Candle(l) => Encoder::Candle(l.clone()),
-            Encoder::Cpu { layers, .. } => Encoder::Cpu { layers: layers.clone(), scratch: Default::default() },
-        }
-    }
+    Cpu(crate::cpu::Stack),
 }
 
 impl Encoder {
@@ -165,36 +155,34 @@ impl Encoder {
         let layers = (0..n)
             .map(|i| Ok(crate::cpu::EncoderLayer::new(&layer_weights(d, vb.pp(i))?, isa, precision)))
             .collect::<Result<_>>()?;
-        Ok(Encoder::Cpu { layers, scratch: Default::default() })
+        Ok(Encoder::Cpu(crate::cpu::Stack::new(layers)))
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Encoder::Candle(layers) => layers.iter().try_fold(xs.clone(), |xs, l| l.forward(&xs, mask)),
-            Encoder::Cpu { layers, scratch } => {
-                let (b, s, h) = xs.dims3()?;
-                let mut x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
-                let mask: Option<Vec<f32>> = mask.map(|m| m.flatten_all()?.to_vec1()).transpose()?;
-                let mut buf = scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
-                for l in layers {
-                    l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
-                }
-                scratch.lock().expect("scratch pool poisoned").push(buf);
-                Tensor::from_vec(x, (b, s, h), xs.device())
-            }
+            Encoder::Cpu(stack) => stack.forward(xs, mask),
+        }
+    }
+
+    /// Per-stage floating-point operations of one forward (see
+    /// [`crate::cpu::EncoderLayer::flops`]), when the layers run on the CPU kernels.
+    fn cpu_flops(&self, batch: usize, seq: usize) -> Option<[f64; 6]> {
+        match self {
+            Encoder::Cpu(stack) => Some(stack.flops(batch, seq)),
+            Encoder::Candle(_) => None,
         }
     }
 }
 
-impl Encoder {
-    /// Per-stage floating-point operations of one forward (see
-    /// [`crate::cpu::EncoderLayer::flops`]), when the layers run on the CPU kernels.
-    fn cpu_flops(&self, batch: usize, seq: usize) -> Option<[f64; 6]> {
-        let Encoder::Cpu { layers, .. } = self else { return None };
-        Some(layers.iter().fold([0.0; 6], |acc, l| {
-            let f = l.flops(batch, seq);
-            std::array::from_fn(|i| acc[i] + f[i])
-        }))
+impl From<Activation> for crate::cpu::Act {
+    fn from(a: Activation) -> Self {
+        match a {
+            Activation::QuickGelu => crate::cpu::Act::QuickGelu,
+            Activation::Gelu => crate::cpu::Act::Gelu,
+            Activation::GeluTanh => crate::cpu::Act::GeluTanh,
+            Activation::Relu => crate::cpu::Act::Relu,
+        }
     }
 }
 
@@ -210,18 +198,12 @@ fn layer_weights(d: EncoderDims, vb: VarBuilder) -> Result<crate::cpu::LayerWeig
         qkv_b.extend(get(a.pp(p), &[h], "bias")?);
     }
     let ln = |n: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(vb.pp(n), &[h], "weight")?, get(vb.pp(n), &[h], "bias")?)) };
-    let act = match d.act {
-        Activation::QuickGelu => crate::cpu::Act::QuickGelu,
-        Activation::Gelu => crate::cpu::Act::Gelu,
-        Activation::GeluTanh => crate::cpu::Act::GeluTanh,
-        Activation::Relu => crate::cpu::Act::Relu,
-    };
     Ok(crate::cpu::LayerWeights {
         hidden: h,
         intermediate: i,
         heads: d.heads,
         eps: d.eps as f32,
-        act,
+        act: d.act.into(),
         ln1: ln("layer_norm1")?,
         qkv_w,
         qkv_b,

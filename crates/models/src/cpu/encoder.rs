@@ -58,6 +58,9 @@ pub enum Precision {
     /// without it). The QKV projection, LayerNorm, softmax, attention and the residual
     /// stream stay f32.
     Bf16,
+    /// As `Bf16`, and the QKV projection too: faster, less exact attention (BLIP-2's
+    /// quantized modes, whose language model is approximate anyway).
+    Bf16WithQkv,
 }
 
 /// One layer's weights as stored by PyTorch (`Linear.weight` is out × in), in f32.
@@ -143,7 +146,7 @@ impl EncoderLayer {
         let (h, i) = (w.hidden, w.intermediate);
         assert!(w.heads > 0 && h % w.heads == 0, "hidden size {h} is not a multiple of {} heads", w.heads);
         let isa = isa.supported();
-        let bf16 = precision == Precision::Bf16 && isa >= Isa::Avx512Bf16;
+        let bf16 = precision != Precision::F32 && isa >= Isa::Avx512Bf16;
         let check = |name: &str, v: &[f32], len: usize| assert_eq!(v.len(), len, "{name}: {} values, expected {len}", v.len());
         check("qkv weight", &w.qkv_w, 3 * h * h);
         check("out_proj weight", &w.out_w, h * h);
@@ -164,7 +167,7 @@ impl EncoderLayer {
             // Q·Kᵀ goes through a softmax that sharpens any error in Q or K: with the QKV
             // projection in bf16 too, the tiny parity fixture's image embeddings reached
             // only cosine 0.9977 against f32; with it in f32, 0.99994.
-            qkv: Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, false),
+            qkv: Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, bf16 && precision == Precision::Bf16WithQkv),
             out: Dense::new(&w.out_w, &w.out_b, h, h, bf16),
             ln2: w.ln2.clone(),
             fc1: Dense::new(&w.fc1_w, &w.fc1_b, i, h, bf16),
@@ -236,6 +239,53 @@ impl EncoderLayer {
                 gemm_strided(isa, scores, seq, seq, v, o, h, Epilogue::STORE);
             });
         });
+    }
+}
+
+/// The layers of an encoder, applied to candle tensors (the embeddings before and the
+/// heads after stay candle ops), with a pool of [`Scratch`] buffers so that concurrent
+/// calls each get their own and repeated calls reuse them.
+#[derive(Debug, Default)]
+pub struct Stack {
+    layers: Vec<EncoderLayer>,
+    scratch: std::sync::Mutex<Vec<Scratch>>,
+}
+
+impl Clone for Stack {
+    fn clone(&self) -> Self {
+        Stack { layers: self.layers.clone(), scratch: Default::default() }
+    }
+}
+
+impl Stack {
+    pub fn new(layers: Vec<EncoderLayer>) -> Self {
+        Stack { layers, scratch: Default::default() }
+    }
+
+    /// Whether the layers' MLPs run on the BF16 kernel.
+    pub fn is_bf16(&self) -> bool {
+        self.layers.first().is_some_and(EncoderLayer::is_bf16)
+    }
+
+    /// All layers on `xs` (batch, seq, hidden), f32 on the CPU; `mask` (seq, seq) additive.
+    pub fn forward(&self, xs: &candle_core::Tensor, mask: Option<&candle_core::Tensor>) -> candle_core::Result<candle_core::Tensor> {
+        let (b, s, h) = xs.dims3()?;
+        let mut x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+        let mask: Option<Vec<f32>> = mask.map(|m| m.flatten_all()?.to_vec1()).transpose()?;
+        let mut buf = self.scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
+        for l in &self.layers {
+            l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
+        }
+        self.scratch.lock().expect("scratch pool poisoned").push(buf);
+        candle_core::Tensor::from_vec(x, (b, s, h), xs.device())
+    }
+
+    /// Floating-point operations per stage (as [`profile::STAGES`]) of one forward.
+    pub fn flops(&self, batch: usize, seq: usize) -> [f64; 6] {
+        self.layers.iter().fold([0.0; 6], |acc, l| {
+            let f = l.flops(batch, seq);
+            std::array::from_fn(|i| acc[i] + f[i])
+        })
     }
 }
 

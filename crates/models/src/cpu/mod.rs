@@ -16,7 +16,7 @@ pub mod encoder;
 pub mod gemm;
 pub mod math;
 
-pub use encoder::{EncoderLayer, LayerWeights, Precision};
+pub use encoder::{EncoderLayer, LayerWeights, Precision, Stack};
 pub use gemm::{Epilogue, PackedF32, PackedWeight};
 pub use math::Act;
 
