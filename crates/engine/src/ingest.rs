@@ -159,6 +159,41 @@ fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
+/// A file's bytes, with the size and modification time they belong to. A file that
+/// changes while it is read (a copy still being written, an editor saving) gives an
+/// error: whatever was read may be half old, half new. Its row then keeps the size and
+/// time from before the read, which the changed file no longer has, so the next run
+/// (or the watcher's next event) reads it again.
+fn read_stable(path: &Path) -> std::result::Result<(Vec<u8>, u64, i64), String> {
+    read_stable_with(path, |f, buf| std::io::Read::read_to_end(f, buf).map(drop))
+}
+
+fn read_stable_with(
+    path: &Path,
+    read: impl FnOnce(&mut std::fs::File, &mut Vec<u8>) -> std::io::Result<()>,
+) -> std::result::Result<(Vec<u8>, u64, i64), String> {
+    let mut f = std::fs::File::open(path).map_err(|e| reason(path, e))?;
+    let before = f.metadata().map_err(|e| reason(path, e))?;
+    // Capacity for the whole file, within reason (a huge file named like an image grows
+    // the buffer as it goes, and fails later, in the decoder's limits).
+    let mut bytes = Vec::with_capacity(before.len().min(256 << 20) as usize);
+    read(&mut f, &mut bytes).map_err(|e| reason(path, e))?;
+    // By path: a file replaced by a rename during the read counts as changed too.
+    let after = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Err("vanished while being read; it will be retired on the next run".into()),
+    };
+    let (size, mtime) = (before.len(), mtime_ns(&before));
+    if bytes.len() as u64 != size || after.len() != size || mtime_ns(&after) != mtime {
+        return Err(format!(
+            "changed while being read ({size} bytes when opened, {} read, {} now); it will be read again on the next run",
+            bytes.len(),
+            after.len()
+        ));
+    }
+    Ok((bytes, size, mtime))
+}
+
 /// Read, sniff, hash, decode (at reduced scale when enough) and preprocess one file.
 fn prepare(cand: Candidate, embedder: &dyn ImageEmbedder, opts: &DecodeOptions) -> Prepared {
     // A file not named like an image is read only as far as sniffing needs: photo
@@ -173,13 +208,12 @@ fn prepare(cand: Candidate, embedder: &dyn ImageEmbedder, opts: &DecodeOptions) 
             }
         }
     }
-    let bytes = match std::fs::read(&cand.path) {
+    let (bytes, size, mtime_ns) = match read_stable(&cand.path) {
         Ok(b) => b,
-        Err(e) => {
-            let r = reason(&cand.path, e);
-            return Prepared::Failed { cand, reason: r };
-        }
+        Err(r) => return Prepared::Failed { cand, reason: r },
     };
+    // The file may have changed since the walk: what is stored must describe these bytes.
+    let cand = Candidate { size, mtime_ns, ..cand };
     let hash = blake3::hash(&bytes).to_hex().to_string();
     let decoded = match magpie_media::decode_bytes(&bytes, opts, &cand.path) {
         Ok(d) => d,
@@ -658,3 +692,54 @@ impl Library {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_changing_or_vanishing_mid_read_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("growing.jpg");
+        std::fs::write(&p, vec![1u8; 5000]).unwrap();
+        // Unchanged: the bytes with their size and time.
+        let (bytes, size, mtime) = read_stable(&p).unwrap();
+        assert_eq!((bytes.len(), size), (5000, 5000));
+        assert_eq!(mtime, mtime_ns(&std::fs::metadata(&p).unwrap()));
+        // A writer appends while we read.
+        let e = read_stable_with(&p, |f, buf| {
+            std::io::Read::read_to_end(f, buf)?;
+            std::fs::OpenOptions::new().append(true).open(&p)?.write_all(&[2u8; 100])?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(e.contains("changed while being read") && e.contains("5000 bytes when opened") && e.contains("5100 now"), "{e}");
+        // Rewritten in place (same size, new time) during the read.
+        let e = read_stable_with(&p, |f, buf| {
+            std::io::Read::read_to_end(f, buf)?;
+            let f2 = std::fs::OpenOptions::new().write(true).open(&p)?;
+            f2.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(e.contains("changed while being read"), "{e}");
+        // Truncated during the read: fewer bytes than the size it was opened with.
+        let e = read_stable_with(&p, |f, buf| {
+            std::fs::OpenOptions::new().write(true).open(&p)?.set_len(10)?;
+            std::io::Read::read_to_end(f, buf).map(drop)
+        })
+        .unwrap_err();
+        assert!(e.contains("changed while being read"), "{e}");
+        // Deleted during the read.
+        let e = read_stable_with(&p, |f, buf| {
+            std::io::Read::read_to_end(f, buf)?;
+            std::fs::remove_file(&p)
+        })
+        .unwrap_err();
+        assert!(e.contains("vanished while being read"), "{e}");
+        // And gone before the open: the OS error.
+        assert!(read_stable(&p).unwrap_err().contains("No such file"));
+    }
+
+    use std::io::Write;
+}
