@@ -602,16 +602,19 @@ async fn run(cli: Cli) -> Result<()> {
             match Library::status(&dir, Default::default()).await? {
                 None => {
                     if g.json {
-                        println!("{}", serde_json::json!({ "data_dir": dir, "library": null }));
+                        let mut v = serde_json::json!({ "data_dir": dir, "library": null });
+                        if let Some(c) = compute_json(&g) {
+                            v["compute"] = c;
+                        }
+                        println!("{v}");
                     } else {
                         println!("no library at {} yet: run `magpie index DIR`", dir.display());
                     }
                 }
                 Some(s) if g.json => {
                     let mut v = serde_json::to_value(&s)?;
-                    if magpie_models::select_device(g.device).is_ok_and(|d| d.is_cpu()) {
-                        let isa = magpie_models::cpu::Isa::detect();
-                        v["compute"] = serde_json::json!({ "cpu": isa.name(), "clip_precision": g.precision.resolve(isa) });
+                    if let Some(c) = compute_json(&g) {
+                        v["compute"] = c;
                     }
                     println!("{}", serde_json::to_string_pretty(&v)?)
                 }
@@ -806,6 +809,15 @@ fn parse_precision(s: &str) -> Result<PrecisionArg, String> {
     } else {
         s.parse().map(|p| PrecisionArg(Some(p)))
     }
+}
+
+/// `{"cpu": level, "clip_precision": …}` for `status --json` when CLIP would run on the CPU.
+fn compute_json(g: &Global) -> Option<serde_json::Value> {
+    if !magpie_models::select_device(g.device).is_ok_and(|d| d.is_cpu()) {
+        return None;
+    }
+    let isa = magpie_models::cpu::Isa::detect();
+    Some(serde_json::json!({ "cpu": isa.name(), "clip_precision": g.precision.resolve(isa) }))
 }
 
 fn describe_device(d: Device) -> String {

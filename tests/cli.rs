@@ -298,3 +298,57 @@ fn index_watch_follows_new_and_deleted_files() {
     }).count();
     assert_eq!(status["counts"]["indexed"].as_u64(), Some(n_images as u64), "{status}");
 }
+
+/// Every CPU kernel level, forced with `MAGPIE_CPU_ISA`, gives the same f32 embeddings
+/// (and the BF16 path, where the CPU has it, stays within cosine 0.999 of them); a level
+/// above the CPU's falls back instead of faulting.
+#[test]
+fn every_cpu_level_embeds_alike() {
+    let data = tempfile::tempdir().unwrap();
+    let photo = root().join("tests/fixtures/photos/chelsea.png");
+    let photo = photo.to_str().unwrap();
+    let run = |isa: &str, precision: &str, what: &[&str]| -> (Vec<f32>, Value) {
+        let m = model();
+        let mut args = vec!["--model", &m, "--precision", precision, "embed"];
+        args.extend_from_slice(what);
+        args.push("--json");
+        let out = Command::new(env!("CARGO_BIN_EXE_magpie"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(&args)
+            .env("MAGPIE_CPU_ISA", isa)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "MAGPIE_CPU_ISA={isa}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["vector"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(), v)
+    };
+    let status = |isa: &str| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_magpie"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["status", "--json"])
+            .env("MAGPIE_CPU_ISA", isa)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for what in [&["--image", photo][..], &["--text", "a cat on a sofa"][..]] {
+        let (reference, _) = run("scalar", "f32", what);
+        assert_eq!(reference.len(), 24);
+        for isa in ["avx2", "avx512", "avx512bf16"] {
+            let (v, _) = run(isa, "f32", what);
+            let worst = v.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{isa} f32 vs scalar: max difference {worst}");
+        }
+        let (v, _) = run("avx512bf16", "bf16", what);
+        assert!(cos(&v, &reference) > 0.999, "bf16: cosine {}", cos(&v, &reference));
+    }
+    // Status names the level in use: capped by the variable, never above the CPU's.
+    assert_eq!(status("scalar")["compute"]["cpu"], "scalar");
+    assert_eq!(status("scalar")["compute"]["clip_precision"], "f32");
+    let top = status("avx512bf16")["compute"]["cpu"].as_str().unwrap().to_string();
+    assert!(["scalar", "avx2", "avx512", "avx512bf16"].contains(&top.as_str()));
+}

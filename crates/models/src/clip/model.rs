@@ -301,6 +301,8 @@ fn causal_mask(s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
     patch_wt: Tensor,
+    /// The same weight packed for the CPU kernels, when the encoder runs on them.
+    patch_packed: Option<crate::cpu::PackedWeight>,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -321,12 +323,22 @@ impl VisionTransformer {
             act: c.hidden_act,
             eps: c.layer_norm_eps,
         };
+        let patch_wt = patch.reshape((c.hidden_size, c.num_channels * p * p))?.t()?.contiguous()?;
+        let encoder = Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"))?;
+        let patch_packed = match &encoder {
+            Encoder::Cpu(_) => {
+                let (k, n) = patch_wt.dims2()?;
+                Some(crate::cpu::PackedWeight::F32(crate::cpu::PackedF32::pack(&patch_wt.flatten_all()?.to_vec1()?, k, n)))
+            }
+            Encoder::Candle(_) => None,
+        };
         Ok(Self {
-            patch_wt: patch.reshape((c.hidden_size, c.num_channels * p * p))?.t()?.contiguous()?,
+            patch_wt,
+            patch_packed,
             class_embedding: e.get(c.hidden_size, "class_embedding")?,
             position_embedding: e.pp("position_embedding").get((c.num_patches() + 1, c.hidden_size), "weight")?,
             pre_layrnorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
-            encoder: Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"))?,
+            encoder,
             post_layernorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             cfg: c.clone(),
         })
@@ -354,7 +366,16 @@ impl VisionTransformer {
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
         let hidden = self.cfg.hidden_size;
-        let x = patches.matmul(&self.patch_wt)?.reshape((b, g * g, hidden))?;
+        let x = match &self.patch_packed {
+            Some(w) => {
+                let rows = b * g * g;
+                let mut y = vec![0f32; rows * hidden];
+                let a: Vec<f32> = patches.flatten_all()?.to_vec1()?;
+                crate::cpu::gemm::gemm(crate::cpu::Isa::detect(), &a, rows, w, None, &mut y, crate::cpu::Epilogue::STORE);
+                Tensor::from_vec(y, (b, g * g, hidden), patches.device())?
+            }
+            None => patches.matmul(&self.patch_wt)?.reshape((b, g * g, hidden))?,
+        };
         let cls = self.class_embedding.reshape((1, 1, hidden))?.broadcast_as((b, 1, hidden))?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_layrnorm.forward(&x)?;

@@ -222,11 +222,13 @@ impl EncoderLayer {
         (0..batch * heads).into_par_iter().for_each(|t| {
             let (bi, hd) = (t / heads, t % heads);
             let rows = &qkv[bi * seq * 3 * h..(bi + 1) * seq * 3 * h];
-            let col = |part: usize, j: usize, kk: usize| rows[j * 3 * h + part * h + hd * d + kk];
+            // Row j of this head's K (or V): d contiguous values.
+            let head_row = |part: usize, j: usize| &rows[j * 3 * h + part * h + hd * d..][..d];
             HEAD.with(|cell| {
                 let (kt, v, scores) = &mut *cell.borrow_mut();
-                kt.repack(d, seq, |kk, j| col(1, j, kk));
-                v.repack(seq, d, |j, kk| col(2, j, kk));
+                // Kᵀ (d × seq): its column j is K's row j.
+                kt.repack_rows(d, seq, |j, out| out.copy_from_slice(head_row(1, j)));
+                v.repack(seq, d, |j, kk| head_row(2, j)[kk]);
                 let scores = sized(scores, seq * seq);
                 gemm_strided(isa, &rows[hd * d..], 3 * h, seq, kt, scores, seq, Epilogue::STORE);
                 softmax_rows(isa, scores, seq, scale, mask);

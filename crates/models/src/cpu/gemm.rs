@@ -71,22 +71,46 @@ impl PackedF32 {
 
     /// Packs W[k][j] = `w(k, j)` into this buffer, reusing its memory.
     pub fn repack(&mut self, k: usize, n: usize, w: impl Fn(usize, usize) -> f32) {
-        let panels = n.div_ceil(NR);
-        let lines = panels * k * NR / 16;
-        self.data.clear();
-        self.data.resize(lines, Line([0.0; 16]));
-        let all = lines_as_floats_mut(&mut self.data);
-        for jp in 0..panels {
+        let all = self.reshape(k, n);
+        for jp in 0..n.div_ceil(NR) {
             let panel = &mut all[jp * k * NR..(jp + 1) * k * NR];
             let cols = NR.min(n - jp * NR);
             for kk in 0..k {
-                for jj in 0..cols {
-                    panel[kk * NR + jj] = w(kk, jp * NR + jj);
+                for (jj, x) in panel[kk * NR..kk * NR + cols].iter_mut().enumerate() {
+                    *x = w(kk, jp * NR + jj);
                 }
             }
         }
-        self.k = k;
-        self.n = n;
+    }
+
+    /// The buffer for a K × N weight, zero where it pads; kept (padding and all) when the
+    /// shape is the one already packed.
+    fn reshape(&mut self, k: usize, n: usize) -> &mut [f32] {
+        let lines = n.div_ceil(NR) * k * NR / 16;
+        if (self.k, self.n) != (k, n) || self.data.len() != lines {
+            self.data.clear();
+            self.data.resize(lines, Line([0.0; 16]));
+            self.k = k;
+            self.n = n;
+        }
+        lines_as_floats_mut(&mut self.data)
+    }
+
+    /// Packs W, K × N, given column by column: `col(j, out)` writes W[0..K][j] into `out`
+    /// (e.g. row j of a matrix whose transpose is W, read contiguously). Reuses this
+    /// buffer's memory; the zero padding of the last panel is kept from one call to the
+    /// next when the shape does not change.
+    pub fn repack_rows(&mut self, k: usize, n: usize, mut col: impl FnMut(usize, &mut [f32])) {
+        let all = self.reshape(k, n);
+        let mut tmp = vec![0f32; k];
+        for j in 0..n {
+            col(j, &mut tmp);
+            let (jp, jj) = (j / NR, j % NR);
+            let panel = &mut all[jp * k * NR..(jp + 1) * k * NR];
+            for (kk, v) in tmp.iter().enumerate() {
+                panel[kk * NR + jj] = *v;
+            }
+        }
     }
 
     pub fn k(&self) -> usize {
@@ -688,6 +712,15 @@ mod tests {
         // Second panel, k = 2, column 65 → W[2][65]; the padding is zero.
         assert_eq!(f(&p1)[k * NR + 2 * NR + 1], w[2 * n + 65].to_bits());
         assert_eq!(f(&p1)[k * NR + 2 * NR + 6], 0);
+        // Repacking into a used buffer, same shape or not, equals a fresh pack.
+        let mut reused = PackedF32::pack(&rng.vec(k * n), k, n);
+        for (kk, nn) in [(k, n), (k, n), (4, 130), (k, n)] {
+            let w2 = rng.vec(kk * nn);
+            reused.repack(kk, nn, |a, b| w2[a * nn + b]);
+            assert_eq!(f(&reused), f(&PackedF32::pack(&w2, kk, nn)), "{kk}×{nn}");
+            reused.repack_rows(kk, nn, |j, out| out.iter_mut().enumerate().for_each(|(a, o)| *o = w2[a * nn + j]));
+            assert_eq!(f(&reused), f(&PackedF32::pack(&w2, kk, nn)), "{kk}×{nn} by columns");
+        }
         let z = PackedWeight::F32(PackedF32::pack(&[], 0, 3));
         let mut c = vec![f32::NAN; 6];
         gemm(Isa::Scalar, &[], 2, &z, Some(&[1.0, 2.0, 3.0]), &mut c, Epilogue::STORE);
