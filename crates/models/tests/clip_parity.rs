@@ -264,3 +264,26 @@ fn bf16_kernels_stay_within_a_thousandth_of_the_reference() {
         assert!(clip.embed_pixel_tensor(&f.t["pixel_values"]).unwrap()[0] != exact[0]);
     }
 }
+
+/// The candle path in f16, as GPUs run it (here on the CPU): embeddings within cosine
+/// 0.999 of the reference (issue 7's bar), LayerNorms and softmax kept in f32.
+#[test]
+fn f16_weights_stay_within_a_thousandth_of_the_reference() {
+    for name in MODELS {
+        let f = load(name);
+        let dir = fixtures().join("clip").join(name);
+        let clip = Clip::from_dir_dtype(&ModelDir { id: "f16".into(), dir }, candle_core::Device::Cpu, ClipPrecision::F32, candle_core::DType::F16).unwrap();
+        assert_eq!(clip.precision(), "f16");
+        let got = clip.embed_pixel_tensor(&f.t["pixel_values"]).unwrap();
+        let want: Vec<Vec<f32>> = f.t["image_embeds"].to_vec2().unwrap();
+        let worst_img = got.iter().zip(&want).map(|(g, w)| cos(g, w)).fold(1.0f32, f32::min);
+        let texts = strings(&f.json["texts"]);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let want: Vec<Vec<f32>> = f.t["text_embeds"].to_vec2().unwrap();
+        let got = clip.embed_texts(&refs).unwrap();
+        let worst_txt = got.iter().zip(&want).map(|(g, w)| cos(g, w)).fold(1.0f32, f32::min);
+        println!("{name} f16: worst image cosine {worst_img:.6}, worst text cosine {worst_txt:.6}");
+        assert!(worst_img >= 0.999 && worst_txt >= 0.999, "{name}: {worst_img} / {worst_txt}");
+        assert!(worst_img < 1.0, "f16 must really be f16");
+    }
+}

@@ -29,6 +29,8 @@ pub struct Clip {
     processor: ProcessorConfig,
     device: candle_core::Device,
     bf16: bool,
+    /// Of the weights: f32 on a CPU, f16 on a GPU.
+    dtype: DType,
 }
 
 /// How CLIP's transformer layers compute on the CPU.
@@ -96,8 +98,18 @@ impl Clip {
         Self::from_dir_with(dir, device, ClipPrecision::F32)
     }
 
+    /// Loads from a checkpoint directory onto `device`: on a CPU in f32 storage (computing
+    /// as `precision` says), on a GPU in f16 (LayerNorms and softmax in f32).
     pub fn from_dir_with(dir: &ModelDir, device: magpie_core::Device, precision: ClipPrecision) -> Result<Self> {
         let device = crate::select_device(device)?;
+        let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
+        Self::from_dir_dtype(dir, device, precision, dtype)
+    }
+
+    /// [`Clip::from_dir_with`] with the weights' dtype given: f16 on the CPU runs candle's
+    /// ops in f16, as a GPU does (tests check that path here).
+    #[doc(hidden)]
+    pub fn from_dir_dtype(dir: &ModelDir, device: candle_core::Device, precision: ClipPrecision, dtype: DType) -> Result<Self> {
         let bf16 = device.is_cpu() && precision.resolve(crate::cpu::Isa::detect()) == "bf16";
         let config_path = dir.file("config.json");
         let config: ClipConfig = parse_json(&config_path, read_json(&config_path)?)?;
@@ -115,17 +127,20 @@ impl Clip {
         let weights = CheckedWeights::open(&dir.weight_files()?)?;
         let model = {
             let _scope = crate::nn::Bf16Scope::enter(bf16);
-            ClipModel::new(&config, weights.var_builder(DType::F32, &device)).map_err(|e| weights.wrap(e))?
+            ClipModel::new(&config, weights.var_builder(dtype, &device)).map_err(|e| weights.wrap(e))?
         };
         // Buffers that old checkpoints carry and the model does not need.
         weights.ensure_all_used(&|n| n.ends_with("position_ids"))?;
         let info = ModelInfo { id: loader::model_id(dir), dim: config.projection_dim };
-        Ok(Self { info, model, config, tokenizer, processor, device, bf16 })
+        Ok(Self { info, model, config, tokenizer, processor, device, bf16, dtype })
     }
 
-    /// `"bf16"` when the transformer layers run on the BF16 kernel, else `"f32"`.
+    /// `"bf16"` when the transformer layers run on the BF16 kernel, `"f16"` with f16
+    /// weights (GPUs), else `"f32"`.
     pub fn precision(&self) -> &'static str {
-        if self.bf16 {
+        if self.dtype == DType::F16 {
+            "f16"
+        } else if self.bf16 {
             "bf16"
         } else {
             "f32"
@@ -170,14 +185,14 @@ impl Clip {
         if ids.is_empty() {
             return Ok(vec![]);
         }
-        let f = self.model.text_features(ids)?;
-        Ok(model::l2_normalize_rows(&f)?.to_dtype(DType::F32)?.to_vec2()?)
+        let f = self.model.text_features(ids)?.to_dtype(DType::F32)?;
+        Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
     }
 
     /// L2-normalised embeddings for a (batch, 3, H, W) pixel tensor.
     pub fn embed_pixel_tensor(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let f = self.model.image_features(&pixels.to_device(&self.device)?)?;
-        Ok(model::l2_normalize_rows(&f)?.to_dtype(DType::F32)?.to_vec2()?)
+        let f = self.model.image_features(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
+        Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
     }
 
     /// Stacks preprocessed images into one tensor.

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 pub use crate::nn::Linear;
+use crate::nn::LayerNorm;
 
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -19,25 +20,6 @@ impl Module for Activation {
             Activation::GeluTanh => xs.gelu(),
             Activation::Relu => xs.relu(),
         }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps: eps as f32 })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -80,13 +62,8 @@ impl Attention {
         let q = (qkv.get(0)?.contiguous()? * self.scale)?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let w = q.matmul(&k.t()?)?;
-        let w = match mask {
-            Some(m) => w.broadcast_add(m)?,
-            None => w,
-        };
-        let w = candle_nn::ops::softmax_last_dim(&w)?;
-        let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, s, hidden))?;
+        // Softmax in f32 whatever the weights' dtype (f16 on GPUs).
+        let o = crate::nn::attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((b, s, hidden))?;
         self.out_proj.forward(&o)
     }
 }
@@ -282,7 +259,8 @@ impl TextTransformer {
         let ids = Tensor::from_vec(flat, b * s, device)?;
         let x = self.token_embedding.index_select(&ids, 0)?.reshape((b, s, self.cfg.hidden_size))?;
         let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let mask = causal_mask(s, x.dtype(), device)?;
+        // f32: the attention adds it to f32 scores whatever the weights' dtype.
+        let mask = causal_mask(s, DType::F32, device)?;
         let x = self.encoder.forward(&x, Some(&mask))?;
         let x = self.final_layer_norm.forward(&x)?;
         let pool = Tensor::from_vec(pool, b, device)?;
