@@ -424,6 +424,29 @@ mod tests {
         }
     }
 
+    /// Attention alone, GFLOP/s for CLIP B/32 (16 × 50 tokens, 12 heads of 64) and ViT-g
+    /// (257 tokens, 16 heads of 88):
+    /// `cargo test -p magpie-models --release --lib attention_gflops -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn attention_gflops() {
+        for (batch, seq, heads, d) in [(16, 50, 12, 64), (1, 257, 16, 88)] {
+            let h = heads * d;
+            let layer = EncoderLayer::new(&weights(h, 8, heads, Act::Relu, 3), Isa::detect(), Precision::F32);
+            let mut s = 5u64;
+            let qkv = rng_vec(&mut s, batch * seq * 3 * h, 1.0);
+            let mut out = vec![0f32; batch * seq * h];
+            let flops = layer.flops(batch, seq)[2];
+            let mut best = f64::MAX;
+            for _ in 0..30 {
+                let t = std::time::Instant::now();
+                layer.attention(&qkv, &mut out, batch, seq, None);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            eprintln!("attention {batch}×{seq}, {heads} heads of {d}: {:.3} ms, {:.0} GFLOP/s", best * 1e3, flops / best / 1e9);
+        }
+    }
+
     #[test]
     #[should_panic(expected = "multiple of")]
     fn heads_must_divide_the_width() {

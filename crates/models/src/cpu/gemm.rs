@@ -426,36 +426,48 @@ mod x86 {
     use super::{Init, NR};
     use std::arch::x86_64::*;
 
-    /// A tile of up to 6 rows: one kernel instance per row count.
+    /// A tile of up to 6 rows and `cols` columns: one kernel instance per row count and
+    /// per number of 16-column vectors, so that a narrow last panel (a head width of 88
+    /// is 64 + 24) computes 2 vectors, not 4.
     ///
     /// # Safety
     /// AVX-512 F present; pointers as for [`kernel512`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile512(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
-        match rows {
-            6 => kernel512::<6>(kn, a, lda, b, c, ldc, cols, init),
-            5 => kernel512::<5>(kn, a, lda, b, c, ldc, cols, init),
-            4 => kernel512::<4>(kn, a, lda, b, c, ldc, cols, init),
-            3 => kernel512::<3>(kn, a, lda, b, c, ldc, cols, init),
-            2 => kernel512::<2>(kn, a, lda, b, c, ldc, cols, init),
-            1 => kernel512::<1>(kn, a, lda, b, c, ldc, cols, init),
-            _ => unreachable!("cpu::gemm: tile of {rows} rows"),
+        macro_rules! by_rows {
+            ($nv:literal) => {
+                match rows {
+                    6 => kernel512::<6, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    5 => kernel512::<5, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    4 => kernel512::<4, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    3 => kernel512::<3, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    2 => kernel512::<2, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    1 => kernel512::<1, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    _ => unreachable!("cpu::gemm: tile of {rows} rows"),
+                }
+            };
+        }
+        match cols.div_ceil(16) {
+            4 => by_rows!(4),
+            3 => by_rows!(3),
+            2 => by_rows!(2),
+            1 => by_rows!(1),
+            _ => unreachable!("cpu::gemm: tile of {cols} columns"),
         }
     }
 
-    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..kn] · B[0..kn, 0..64].
+    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..kn] · B[0..kn, 0..16·NV] (B rows 64 apart).
     ///
     /// # Safety
     /// AVX-512 F present; `a` has R rows of `kn` readable values `lda` apart; `b` `kn`
-    /// rows of 64 values (64-byte aligned not required); `c` R rows `ldc` apart with
-    /// `cols ≤ 64` writable values; a bias pointer `cols` readable values.
+    /// rows of 16·NV readable values, [`NR`] apart; `c` R rows `ldc` apart with
+    /// `cols ≤ 16·NV` writable values; a bias pointer `cols` readable values.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel512<const R: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
-        const NV: usize = NR / 16;
-        let full = cols == NR;
+    unsafe fn kernel512<const R: usize, const NV: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+        let full = cols == NV * 16;
         let mut mask = [0u16; NV];
         for (v, m) in mask.iter_mut().enumerate() {
             *m = ((1u32 << cols.saturating_sub(v * 16).min(16)) - 1) as u16;
