@@ -110,6 +110,15 @@ pub trait Captioner: Send + Sync {
     /// Shortest side the model's preprocessing needs (decoders may downscale to it).
     fn input_side(&self) -> u32;
     fn caption(&self, image: &image::DynamicImage, opts: &GenerationOptions) -> Result<String>;
+    /// Captions for several images, in order; each the one [`caption`](Self::caption)
+    /// gives. Models that can share work across images override this.
+    fn caption_batch(&self, images: &[&image::DynamicImage], opts: &GenerationOptions) -> Result<Vec<String>> {
+        images.iter().map(|im| self.caption(im, opts)).collect()
+    }
+    /// How many images [`caption_batch`](Self::caption_batch) is best given at once.
+    fn batch_size(&self) -> usize {
+        1
+    }
 }
 
 /// Answers a prompt about an image, streaming text pieces to `on_text` as they are

@@ -76,9 +76,39 @@ async fn caption_blocking(path: PathBuf, captioner: Arc<dyn Captioner>, opts: Ca
         .map_err(|e| Error::Task(e.to_string()))?
 }
 
+/// Captions of several files, one result each: the files are decoded (one that cannot be
+/// is its own error), then the decoded ones captioned as one batch. Should the batch fail,
+/// its images are captioned one at a time, so that one bad image costs only its own
+/// caption.
+fn caption_files(paths: &[PathBuf], captioner: &dyn Captioner, opts: &CaptionOptions) -> Vec<Result<String>> {
+    let decode = DecodeOptions { max_pixels: opts.max_pixels, min_side: Some(captioner.input_side()) };
+    let decoded: Vec<Result<magpie_media::image::DynamicImage>> =
+        paths.iter().map(|p| Ok(magpie_media::decode_file(p, &decode)?.image)).collect();
+    let images: Vec<&magpie_media::image::DynamicImage> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
+    let mut captions = match captioner.caption_batch(&images, &opts.generation) {
+        Ok(c) if c.len() == images.len() => c.into_iter().map(Ok).collect::<Vec<Result<String>>>(),
+        _ => images.iter().map(|im| Ok(captioner.caption(im, &opts.generation)?)).collect(),
+    }
+    .into_iter();
+    decoded
+        .into_iter()
+        .map(|d| match d {
+            Ok(_) => captions.next().expect("one caption per decoded image").map(|t| t.trim().to_string()),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+/// [`caption_files`] on the blocking pool.
+async fn caption_batch_blocking(paths: Vec<PathBuf>, captioner: Arc<dyn Captioner>, opts: CaptionOptions) -> Result<Vec<Result<String>>> {
+    tokio::task::spawn_blocking(move || caption_files(&paths, captioner.as_ref(), &opts))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))
+}
+
 impl Library {
     /// Captions every indexed file that has no caption by `captioner`'s model, in id
-    /// order, one at a time: each caption is committed to SQLite, then put into the
+    /// order, [`Captioner::batch_size`] at a time: each caption is committed to SQLite, then put into the
     /// caption index (committed every [`CaptionOptions::commit_every`] and at the end).
     /// A file that fails is reported and skipped. Stops early, keeping what is done,
     /// when `cancel` becomes true.
@@ -103,30 +133,34 @@ impl Library {
                 if page.is_empty() {
                     break;
                 }
-                for (id, path) in page {
+                for chunk in page.chunks(captioner.batch_size().max(1)) {
                     if cancel.load(Ordering::SeqCst) {
                         report.cancelled = true;
                         break 'pages;
                     }
-                    after = id;
-                    match caption_blocking(path.clone(), captioner.clone(), opts.clone()).await {
-                        Ok(text) => {
-                            self.store_caption(id, &model, &text).await?;
-                            touched = true;
-                            report.captioned += 1;
+                    after = chunk.last().map_or(after, |(id, _)| *id);
+                    let paths: Vec<PathBuf> = chunk.iter().map(|(_, p)| p.clone()).collect();
+                    let results = caption_batch_blocking(paths, captioner.clone(), opts.clone()).await?;
+                    for ((id, path), result) in chunk.iter().zip(results) {
+                        match result {
+                            Ok(text) => {
+                                self.store_caption(*id, &model, &text).await?;
+                                touched = true;
+                                report.captioned += 1;
+                            }
+                            Err(e) => {
+                                let why = e.to_string();
+                                let prefix = format!("{}: ", path.display());
+                                let why = why.strip_prefix(&prefix).map(str::to_string).unwrap_or(why);
+                                tracing::warn!("{}: cannot caption: {why}", path.display());
+                                report.failed.push((path.clone(), why));
+                                prog.failed += 1;
+                            }
                         }
-                        Err(e) => {
-                            let why = e.to_string();
-                            let prefix = format!("{}: ", path.display());
-                            let why = why.strip_prefix(&prefix).map(str::to_string).unwrap_or(why);
-                            tracing::warn!("{}: cannot caption: {why}", path.display());
-                            report.failed.push((path, why));
-                            prog.failed += 1;
-                        }
+                        prog.done += 1;
+                        prog.elapsed = start.elapsed();
+                        progress(&prog);
                     }
-                    prog.done += 1;
-                    prog.elapsed = start.elapsed();
-                    progress(&prog);
                     if touched && last_commit.elapsed() >= opts.commit_every {
                         let _guard = self.text_write.lock().await;
                         self.commit_text().await?;

@@ -43,6 +43,11 @@ struct FakeCaptioner {
     /// Colours captioned, in order.
     seen: Mutex<Vec<&'static str>>,
     calls: AtomicUsize,
+    /// `batch_size()`; above 1, `caption_batch` is overridden and records its batch sizes.
+    batch: usize,
+    batches: Mutex<Vec<usize>>,
+    /// `caption_batch` fails (the engine then captions one by one).
+    fail_batches: bool,
 }
 
 impl FakeCaptioner {
@@ -56,7 +61,17 @@ impl FakeCaptioner {
             special: special.to_vec(),
             seen: Mutex::new(Vec::new()),
             calls: AtomicUsize::new(0),
+            batch: 1,
+            batches: Mutex::new(Vec::new()),
+            fail_batches: false,
         })
+    }
+
+    fn batched(batch: usize, fail_batches: bool) -> Arc<Self> {
+        let mut c = Arc::into_inner(Self::new(&[])).unwrap();
+        c.batch = batch;
+        c.fail_batches = fail_batches;
+        Arc::new(c)
     }
 
     fn calls(&self) -> usize {
@@ -83,6 +98,18 @@ impl Captioner for FakeCaptioner {
         };
         // Models pad their output; the engine trims it.
         Ok(format!(" {text}\n"))
+    }
+
+    fn caption_batch(&self, images: &[&image::DynamicImage], opts: &GenerationOptions) -> magpie_core::Result<Vec<String>> {
+        self.batches.lock().unwrap().push(images.len());
+        if self.fail_batches {
+            return Err(magpie_core::Error::Model("batch failed".into()));
+        }
+        images.iter().map(|im| self.caption(im, opts)).collect()
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch
     }
 }
 
@@ -224,6 +251,35 @@ async fn caption_all_is_resumable_and_per_model() {
     let mut crimson = search(&lib, &fake, "crimson", SearchMode::Text, &photos.root).await;
     crimson.sort();
     assert_eq!(crimson, ["dark-red.png", "red.png"]);
+}
+
+#[tokio::test]
+async fn captions_come_in_batches_and_a_bad_file_fails_alone() {
+    let photos = photos();
+    let n = PHOTO_NAMES.len() as u64;
+    for fail_batches in [false, true] {
+        let data = data_dir();
+        let lib = open(data.path()).await;
+        let fake = FakeEmbedder::new();
+        index(&lib, &photos.root, &fake).await;
+        let gone = photos.path("green.jpg");
+        let saved = std::fs::read(&gone).unwrap();
+        std::fs::remove_file(&gone).unwrap();
+        let captioner = FakeCaptioner::batched(3, fail_batches);
+        let (report, progress) = caption_all(&lib, &captioner, None).await;
+        std::fs::write(&gone, saved).unwrap();
+        assert_eq!(report.captioned, n - 1, "{report:?}");
+        assert_eq!(report.failed.len(), 1);
+        assert!(report.failed[0].0.ends_with("green.jpg"), "{report:?}");
+        // Batches of at most 3 decoded images, covering every file that could be read.
+        let batches = captioner.batches.lock().unwrap().clone();
+        assert!(batches.iter().all(|&b| (1..=3).contains(&b)) && batches.contains(&3), "{batches:?}");
+        assert_eq!(batches.iter().sum::<usize>() as u64, n - 1, "{batches:?}");
+        // Progress still counts file by file; a failed batch falls back to single calls.
+        assert_eq!(progress.last().map(|p| (p.done, p.failed)), Some((n, 1)));
+        assert_eq!(captioner.calls() as u64, n - 1);
+        assert_eq!(caption_of(&lib, &photos.path("red.png")).await.as_deref(), Some("a red square"), "fail_batches={fail_batches}");
+    }
 }
 
 #[tokio::test]

@@ -608,3 +608,33 @@ fn overlong_prompts_keep_their_end() {
     m.answer(&img, &long, &opts, &mut |_, _| pieces += 1).unwrap();
     assert_eq!(pieces, 5, "all max_new_tokens were generated");
 }
+
+/// Captions of several images in one batch equal the captions of each alone (f32 and
+/// the quantized default), with images of different content ending at different lengths.
+#[test]
+fn batched_captions_equal_single_ones() {
+    for name in MODELS {
+        let f = load(name);
+        let images: Vec<image::DynamicImage> = f.json["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| fixtures().join(p.as_str().unwrap()))
+            .map(|p| magpie_media::decode_file(&p, &magpie_media::DecodeOptions::default()).unwrap().image)
+            .collect();
+        assert!(images.len() >= 2, "{name}: the fixture has too few images");
+        let mut refs: Vec<&image::DynamicImage> = images.iter().collect();
+        refs.push(&images[0]); // a repeat, so that rows are not all different
+        for blip in [&f.blip, &Blip2::from_dir_with(&model_dir(name), magpie_core::Device::Cpu, Precision::Q8_0).unwrap()] {
+            for max in [1, 9] {
+                let opts = GenerateOptions { max_new_tokens: max, ..Default::default() };
+                let batch = blip.caption_batch(&refs, &opts).unwrap();
+                assert_eq!(batch.len(), refs.len());
+                for (im, got) in refs.iter().zip(&batch) {
+                    assert_eq!(got, &blip.caption(im, &opts).unwrap(), "{name} {}, {max} tokens", blip.precision());
+                }
+                assert_eq!(batch[0], batch[refs.len() - 1]);
+            }
+        }
+    }
+}

@@ -173,6 +173,45 @@ pub fn greedy(
     Ok(out)
 }
 
+/// Greedy search over a batch of rows that share one prompt (captions of several images):
+/// row `i` starts from `first_logits[i]`, and each step feeds every row its last token
+/// (a finished row gets its EOS again; what it produces is ignored). Each row's tokens are
+/// those [`greedy`] would give it alone. Stops when every row has ended.
+pub fn greedy_batch(
+    decoder: &mut dyn Decoder,
+    prompt: &[u32],
+    first_logits: Vec<Vec<f32>>,
+    opts: &GenerateOptions,
+    eos: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    let rows = first_logits.len();
+    let mut contexts = vec![prompt.to_vec(); rows];
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut done = vec![opts.max_new_tokens == 0; rows];
+    let mut logits = first_logits;
+    loop {
+        let mut feed = Vec::with_capacity(rows);
+        for i in 0..rows {
+            if done[i] {
+                feed.push(*outs[i].last().or(eos.first()).unwrap_or(&0));
+                continue;
+            }
+            let row = &mut logits[i];
+            apply_repetition_penalty(row, &contexts[i], opts.repetition_penalty);
+            apply_min_new_tokens(row, outs[i].len(), opts.min_new_tokens, eos);
+            let next = argmax(row) as u32;
+            contexts[i].push(next);
+            outs[i].push(next);
+            done[i] = eos.contains(&next) || outs[i].len() == opts.max_new_tokens;
+            feed.push(next);
+        }
+        if done.iter().all(|d| *d) {
+            return Ok(outs);
+        }
+        logits = decoder.step(&feed)?;
+    }
+}
+
 /// Beam search (`_beam_search` of transformers 5.24, batch of one): the decoder holds one
 /// row for the prompt; it is expanded to `num_beams` rows here. Returns the generated
 /// tokens of the best finished hypothesis.
@@ -492,6 +531,36 @@ mod tests {
         assert_eq!(s, vec![1.0, 2.0]);
         apply_min_new_tokens(&mut s, 2, 3, &[1, 7]);
         assert_eq!(s, vec![1.0, f32::NEG_INFINITY]);
+    }
+
+    /// Several toy rows at once, one of them ending early: each row's tokens are what
+    /// greedy search gives it alone.
+    #[test]
+    fn batched_greedy_equals_greedy_per_row() {
+        struct Rows(Vec<Toy>);
+        impl Decoder for Rows {
+            fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+                assert_eq!(tokens.len(), self.0.len());
+                self.0.iter_mut().zip(tokens).map(|(t, &tok)| Ok(t.step(&[tok])?.remove(0))).collect()
+            }
+            fn reorder(&mut self, _: &[usize]) -> Result<()> {
+                unreachable!()
+            }
+        }
+        let toys = || vec![Toy::new(17, 3, 9.0), Toy::new(17, 40, 0.0), Toy::new(23, 6, 2.0)];
+        for penalty in [1.0, 1.3] {
+            let mut o = opts(12, 1);
+            o.repetition_penalty = penalty;
+            let mut batch = Rows(toys());
+            let first = batch.0.iter().map(Toy::first).collect();
+            let got = greedy_batch(&mut batch, &[1, 2], first, &o, &[0]).unwrap();
+            for (i, mut toy) in toys().into_iter().enumerate() {
+                let first = toy.first();
+                let want = greedy(&mut toy, &[1, 2], first, &o, &[0], &mut |_, _| {}).unwrap();
+                assert_eq!(got[i], want, "row {i}, penalty {penalty}");
+            }
+            assert!(got.iter().any(|r| r.len() < 12) && got.iter().any(|r| r.len() == 12), "{got:?}");
+        }
     }
 
     #[test]

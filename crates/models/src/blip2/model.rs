@@ -147,6 +147,15 @@ impl Blip2ForConditionalGeneration {
         self.language_model.forward(&embeds, &[vec![1; ids.len()]], cache, last_only)
     }
 
+    /// [`prefill`](Self::prefill) for a batch of images that share one prompt:
+    /// `image_features` is (batch, queries, width); returns each row's last logits
+    /// (batch, 1, vocab).
+    pub fn prefill_batch(&self, ids: &[u32], image_features: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let b = image_features.dim(0)?;
+        let embeds = (0..b).map(|i| self.input_embeds(ids, &image_features.get(i)?)).collect::<Result<Vec<_>>>()?;
+        self.language_model.forward(&Tensor::cat(&embeds, 0)?, &vec![vec![1; ids.len()]; b], cache, true)
+    }
+
     /// Appends one token to each cached row; returns each row's next-token logits (rows, vocab).
     pub fn decode_step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         if cache.batch() != tokens.len() {
