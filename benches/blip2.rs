@@ -95,7 +95,14 @@ fn measure(dir: &Path, precision: Precision) -> Value {
         let out = blip.generate_ids(&pixels, &ids, &opts, &mut |_| {}).unwrap();
         assert_eq!(out.len(), 20);
     });
+    // Captioning a folder: 8 images per call (`magpie caption --all` on a CPU), per image.
+    let batch: Vec<&magpie_media::image::DynamicImage> = std::iter::repeat_n(&image, 8).collect();
+    let caption8_s = timed(min, 1, || {
+        let out = blip.caption_batch(&batch, &opts).unwrap();
+        assert_eq!(out.len(), 8);
+    }) / 8.0;
     json!({
+        "caption8_s": caption8_s,
         "dtype": precision.name(),
         "load_s": load_s,
         "vision_s": vision_s,
@@ -143,6 +150,7 @@ fn extrapolate(shallow: &Value, deep: &Value) -> Value {
         "token_ms": f(shallow, "token_ms") + per("token_ms") * t_extra,
         "caption_s": f(shallow, "caption_s") + vision_slope * v_extra + caption_text_slope * t_extra,
         "rss_mb": f(shallow, "rss_mb") + mem_slope * (pv * v_extra + pt * t_extra) / (pv + pt),
+        "caption8_s": f(shallow, "caption8_s") + vision_slope * v_extra + (per("caption8_s") - vision_slope) * t_extra,
     })
 }
 
@@ -189,8 +197,8 @@ fn main() {
 
     println!("\nBLIP-2 OPT-2.7b shapes, {threads} threads; measured at {SHALLOW} and {DEEP} layers, extrapolated to {VISION_LAYERS} vision + {TEXT_LAYERS} OPT layers");
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10} | {:>11} {:>10} {:>11} {:>10}",
-        "", "vision s", "ms/token", "caption s", "RSS GB", "L2 vision", "L2 ms/tok", "L8 ms/tok", "L8 peak GB"
+        "{:<24} {:>10} {:>10} {:>10} {:>13} {:>10} | {:>11} {:>10} {:>11} {:>10}",
+        "", "vision s", "ms/token", "caption s", "in 8s, s/img", "RSS GB", "L2 vision", "L2 ms/tok", "L8 ms/tok", "L8 peak GB"
     );
     let mut full: BTreeMap<(String, String), Value> = BTreeMap::new();
     for ((side, dtype), by_layers) in &runs {
@@ -198,11 +206,12 @@ fn main() {
         let x = extrapolate(s, d);
         let g = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<24} {:>10.3} {:>10.1} {:>10.2} {:>10.1} | {:>11.3} {:>10.1} {:>11.1} {:>10.2}",
+            "{:<24} {:>10.3} {:>10.1} {:>10.2} {:>13} {:>10.1} | {:>11.3} {:>10.1} {:>11.1} {:>10.2}",
             format!("{side} {dtype}"),
             g(&x, "vision_s"),
             g(&x, "token_ms"),
             g(&x, "caption_s"),
+            if g(&x, "caption8_s").is_nan() { "-".to_string() } else { format!("{:.2}", g(&x, "caption8_s")) },
             g(&x, "rss_mb") / 1024.0,
             g(s, "vision_s"),
             g(s, "token_ms"),
