@@ -1,5 +1,7 @@
 //! `magpie`: index folders of photos and search them by meaning, from the command line.
 
+mod bench;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -143,6 +145,21 @@ enum Command {
     },
     /// Counts, model and index state of the library.
     Status,
+    /// Measure this machine with the configured models (--model, --device, --precision):
+    /// CLIP image embeddings per second and text query latency; with --captions also
+    /// BLIP-2's vision time, ms per generated token and caption time (--caption-model,
+    /// --caption-precision). Synthetic inputs; no library is touched.
+    Bench {
+        /// The larger image batch measured (besides 1), and the caption batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Seconds spent on each measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Also BLIP-2.
+        #[arg(long)]
+        captions: bool,
+    },
     /// Rebuild the vector index and the caption index from the database. With a --model
     /// other than the library's: re-embed every image with it, then switch the library
     /// to it (resumable; the current index keeps answering until the switch).
@@ -563,6 +580,42 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 let s: Vec<String> = vector.iter().map(|v| format!("{v:.6}")).collect();
                 println!("{}", s.join(" "));
+            }
+        }
+        Command::Bench { batch, seconds, captions } => {
+            if !(seconds.is_finite() && seconds >= 0.0) {
+                bail!("--seconds must be a non-negative number, not {seconds}");
+            }
+            let clip = load_model(&g)?;
+            let mut out = serde_json::json!({ "device": describe_device(g.device), "clip": bench::clip(&clip, batch, seconds)? });
+            if clip.device().is_cpu() {
+                out["cpu"] = serde_json::json!(magpie_models::cpu::Isa::detect().name());
+            }
+            drop(clip);
+            if captions {
+                let blip = load_blip2(&g)?;
+                out["blip2"] = bench::blip2(&blip, batch.min(8), seconds)?;
+            }
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let c = &out["clip"];
+                println!("device    {}", out["device"].as_str().unwrap_or(""));
+                println!("CLIP      {} ({})", c["model"].as_str().unwrap_or(""), c["precision"].as_str().unwrap_or(""));
+                for (b, r) in c["images_per_s"].as_object().into_iter().flatten() {
+                    println!("          {:>8.1} images/s at batch {b}", r.as_f64().unwrap_or(0.0));
+                }
+                for (t, ms) in c["text_query_ms"].as_object().into_iter().flatten() {
+                    println!("          {:>8.2} ms per {t}-token text query", ms.as_f64().unwrap_or(0.0));
+                }
+                if let Some(b) = out.get("blip2") {
+                    let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
+                    println!("BLIP-2    {} ({})", b["model"].as_str().unwrap_or(""), b["precision"].as_str().unwrap_or(""));
+                    println!("          {:>8.3} s vision encoder per image", f("vision_s"));
+                    println!("          {:>8.1} ms per generated token", f("token_ms"));
+                    println!("          {:>8.2} s per {}-token caption", f("caption_s"), b["tokens"]);
+                    println!("          {:>8.2} s per caption in batches of {}", f("caption_s_per_image_batched"), b["batch"]);
+                }
             }
         }
         Command::Duplicates { threshold, exact_only } => {

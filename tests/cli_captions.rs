@@ -175,3 +175,22 @@ fn caption_and_chat_errors_are_clear() {
     assert!(!run(data.path(), &["caption"], None).status.success());
     assert!(!run(data.path(), &["chat"], None).status.success());
 }
+
+/// `magpie bench` measures both models and touches no library.
+#[test]
+fn bench_reports_clip_and_blip2_figures() {
+    let data = tempfile::tempdir().unwrap();
+    let v = json(data.path(), &["bench", "--seconds", "0", "--batch", "3", "--captions"]);
+    let pos = |x: &Value| x.as_f64().is_some_and(|f| f > 0.0 && f.is_finite());
+    assert!(pos(&v["clip"]["images_per_s"]["1"]) && pos(&v["clip"]["images_per_s"]["3"]), "{v}");
+    assert!(pos(&v["clip"]["text_query_ms"]["8"]), "{v}");
+    assert!(pos(&v["clip"]["text_query_ms"]["77"]), "{v}");
+    for k in ["vision_s", "token_ms", "caption_s", "caption_s_per_image_batched"] {
+        assert!(pos(&v["blip2"][k]), "{k}: {v}");
+    }
+    assert_eq!(v["blip2"]["batch"], 3);
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"));
+    assert_eq!(std::fs::read_dir(data.path()).unwrap().count(), 0, "no library is created");
+    let bad = run(data.path(), &["bench", "--seconds=-1"], None);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--seconds"));
+}
