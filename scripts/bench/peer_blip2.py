@@ -11,6 +11,10 @@ process (so that its peak memory is its own). Prints one JSON object:
     rss_mb      resident memory at the end
 
     python3 scripts/bench/peer_blip2.py bench-data/blip2-opt-2.7b-L2 --dtype bf16 --threads 2
+    python3 scripts/bench/peer_blip2.py bench-data/blip2-opt-2.7b --dtype f16 --device cuda
+
+On a GPU it also reports `gpu_peak_mb` (torch's peak allocation) and `caption8_s`, a
+caption per image when 8 images are generated as one batch.
 """
 import argparse
 import json
@@ -20,12 +24,17 @@ import sys
 import time
 
 
+SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize on a GPU)
+
+
 def timed(fn, min_time, min_iters=2):
     fn()  # warm-up
+    SYNC()
     n, start = 0, time.perf_counter()
     while n < min_iters or time.perf_counter() - start < min_time:
         fn()
         n += 1
+    SYNC()
     return (time.perf_counter() - start) / n
 
 
@@ -36,16 +45,24 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--image", default="tests/fixtures/photos/chelsea.png")
     ap.add_argument("--min-time", type=float, default=2.0)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    global SYNC
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
     from PIL import Image
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil, AutoTokenizer
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, AutoTokenizer
+    try:
+        from transformers import BlipImageProcessorPil
+    except ImportError:  # older transformers
+        from transformers import BlipImageProcessor as BlipImageProcessorPil
 
     torch.set_num_threads(args.threads)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     t = time.perf_counter()
-    model = Blip2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
+    model = Blip2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval().to(args.device)
+    if args.device.startswith("cuda"):
+        SYNC = torch.cuda.synchronize
     load_s = time.perf_counter() - t
     proc = Blip2Processor(
         image_processor=BlipImageProcessorPil.from_pretrained(args.model),
@@ -53,15 +70,15 @@ def main():
         num_query_tokens=model.config.num_query_tokens,
     )
     image = Image.open(args.image).convert("RGB")
-    out = {"dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "load_s": load_s}
+    out = {"dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "load_s": load_s, "device": args.device}
+    dev = lambda x: {k: (v.to(args.device, dtype) if k == "pixel_values" else v.to(args.device)) for k, v in x.items()}  # noqa: E731
     with torch.inference_mode():
-        inputs = proc(images=image, return_tensors="pt")
-        pv = inputs["pixel_values"].to(dtype)
+        inputs = dev(proc(images=image, return_tensors="pt"))
+        pv = inputs["pixel_values"]
         out["vision_s"] = timed(lambda: model.vision_model(pixel_values=pv), args.min_time)
 
         def gen(n):
-            model.generate(**{k: (v.to(dtype) if k == "pixel_values" else v) for k, v in inputs.items()},
-                           max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
 
         g1 = timed(lambda: gen(1), args.min_time)
         g21 = timed(lambda: gen(21), args.min_time)
@@ -69,11 +86,17 @@ def main():
         out["token_ms"] = (g21 - g1) / 20 * 1000
 
         def caption():
-            x = proc(images=image, return_tensors="pt")
-            x["pixel_values"] = x["pixel_values"].to(dtype)
+            x = dev(proc(images=image, return_tensors="pt"))
             model.generate(**x, max_new_tokens=20, min_new_tokens=20, do_sample=False, num_beams=1)
 
         out["caption_s"] = timed(caption, args.min_time)
+        if args.device != "cpu":
+            def caption8():
+                x = dev(proc(images=[image] * 8, return_tensors="pt"))
+                model.generate(**x, max_new_tokens=20, min_new_tokens=20, do_sample=False, num_beams=1)
+
+            out["caption8_s"] = timed(caption8, args.min_time) / 8
+            out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open("/proc/self/status") as f:
         rss = [l for l in f if l.startswith("VmRSS:")]

@@ -5,6 +5,9 @@ Runs the same checkpoint on the same thread count and prints one JSON object:
 image embeddings per second at each batch size, text query latency per token count.
 
     python3 scripts/bench/peer_clip.py bench-data/clip-vit-base-patch32 --threads 2
+    python3 scripts/bench/peer_clip.py bench-data/clip-vit-large-patch14 --device cuda --dtype f16 --batches 1,64
+
+On a GPU (`--device cuda`) ONNX Runtime is skipped and `gpu_peak_mb` is added.
 """
 import argparse
 import json
@@ -13,12 +16,17 @@ import sys
 import time
 
 
+SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize on a GPU)
+
+
 def timed(fn, min_time, min_iters=3):
     fn()  # warm-up
+    SYNC()
     n, start = 0, time.perf_counter()
     while n < min_iters or time.perf_counter() - start < min_time:
         fn()
         n += 1
+    SYNC()
     return (time.perf_counter() - start) / n
 
 
@@ -29,7 +37,10 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--tokens", default="8,77")
     ap.add_argument("--min-time", type=float, default=3.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     args = ap.parse_args()
+    global SYNC
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
     import torch
@@ -37,21 +48,27 @@ def main():
 
     torch.set_num_threads(args.threads)
     out = {"threads": args.threads, "torch": torch.__version__, "pytorch": {}, "onnxruntime": {}, "text_ms": {}}
-    model = CLIPModel.from_pretrained(args.model).eval()
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = CLIPModel.from_pretrained(args.model, dtype=dtype).eval().to(args.device)
+    if args.device.startswith("cuda"):
+        SYNC = torch.cuda.synchronize
+    out["device"], out["dtype"] = args.device, args.dtype
     size = model.config.vision_config.image_size
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
     with torch.inference_mode():
         for b in batches:
-            px = torch.from_numpy(rng.standard_normal((b, 3, size, size), dtype=np.float32))
+            px = torch.from_numpy(rng.standard_normal((b, 3, size, size), dtype=np.float32)).to(args.device, dtype)
             dt = timed(lambda: model.get_image_features(pixel_values=px), args.min_time)
             out["pytorch"][str(b)] = b / dt
         for t in [int(x) for x in args.tokens.split(",")]:
-            ids = torch.tensor([[49406] + [320] * (t - 2) + [49407]])
+            ids = torch.tensor([[49406] + [320] * (t - 2) + [49407]]).to(args.device)
             dt = timed(lambda: model.get_text_features(input_ids=ids), args.min_time / 2, 10)
             out["text_ms"][str(t)] = dt * 1000
     onnx_path = os.path.join(args.model, "vision.onnx")
-    if os.path.exists(onnx_path):
+    if args.device != "cpu":
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if os.path.exists(onnx_path) and args.device == "cpu":
         import onnxruntime as ort
 
         out["onnxruntime_version"] = ort.__version__
