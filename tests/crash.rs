@@ -831,7 +831,10 @@ fn child_indexer() {
     let Ok(arg) = std::env::var(CHILD_ENV) else { return };
     let (data, folder) = arg.split_once('\n').unwrap();
     rt().block_on(async {
-        let clip = std::sync::Arc::new(magpie_models::Clip::load(&model_dir(), magpie_core::Device::Cpu).unwrap());
+        // In the precision `magpie index` uses by default, so that its embeddings equal the
+        // clean run's.
+        let precision = magpie_models::ClipPrecision::Auto;
+        let clip = std::sync::Arc::new(magpie_models::Clip::load_with(&model_dir(), magpie_core::Device::Cpu, precision).unwrap());
         let config = LibraryConfig { index: IndexParams { exact_threshold: 0, ..Default::default() } };
         let lib = Library::open(Path::new(data), clip.info(), config).await.unwrap();
         let opts = IndexOptions { batch_size: 4, save_every: Duration::ZERO, ..Default::default() };

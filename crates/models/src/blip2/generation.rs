@@ -559,7 +559,8 @@ mod tests {
                 let want = greedy(&mut toy, &[1, 2], first, &o, &[0], &mut |_, _| {}).unwrap();
                 assert_eq!(got[i], want, "row {i}, penalty {penalty}");
             }
-            assert!(got.iter().any(|r| r.len() < 12) && got.iter().any(|r| r.len() == 12), "{got:?}");
+            // Rows end at different steps (the finished ones keep being fed).
+            assert!(got.iter().any(|r| r.len() != got[0].len()), "{got:?}");
         }
     }
 
