@@ -655,17 +655,22 @@ async fn run(cli: Cli) -> Result<()> {
             match Library::status(&dir, Default::default()).await? {
                 None => {
                     if g.json {
-                        let mut v = serde_json::json!({ "data_dir": dir, "library": null });
+                        let mut v = serde_json::json!({ "data_dir": dir, "library": null, "device": describe_device(g.device) });
                         if let Some(c) = compute_json(&g) {
                             v["compute"] = c;
                         }
                         println!("{v}");
                     } else {
                         println!("no library at {} yet: run `magpie index DIR`", dir.display());
+                        println!("device    {}", describe_device(g.device));
+                        if compute_json(&g).is_some() {
+                            println!("compute   CLIP in {}", g.precision.describe_cpu());
+                        }
                     }
                 }
                 Some(s) if g.json => {
                     let mut v = serde_json::to_value(&s)?;
+                    v["device"] = serde_json::json!(describe_device(g.device));
                     if let Some(c) = compute_json(&g) {
                         v["compute"] = c;
                     }

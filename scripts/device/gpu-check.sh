@@ -3,7 +3,9 @@
 # and transformers, and no Rust: the binary from scripts/build-cuda travels with the tree.
 #
 #   here:    scripts/build-cuda                 # last line: the binary's path
-#            mkdir -p dist && gzip -c BINARY > dist/magpie.gz   # dist/ is git-ignored
+#            mkdir -p dist && xz -T2 -c BINARY > dist/magpie.xz   # dist/ is git-ignored
+#            (the device tool carries 64 MiB in all: 122 MB of binary is ~43 MB gzipped,
+#            less with xz; MAGPIE_CUDA_EXTRA_SASS= builds it without the sm_90 code)
 #   device:  bash scripts/device/gpu-check.sh   # carry: dist
 #
 # What it does (each step logged; a failing step is reported and the rest still run):
@@ -45,7 +47,9 @@ step() { # step NAME CMD...: runs CMD, logs its output, never stops the script
 }
 
 # --- 1. environment ---------------------------------------------------------------------
-if [[ ! -x $BIN && -f $BIN.gz ]]; then
+if [[ ! -x $BIN && -f $BIN.xz ]]; then
+    xz -dc "$BIN.xz" >"$BIN" && chmod +x "$BIN"
+elif [[ ! -x $BIN && -f $BIN.gz ]]; then
     gunzip -c "$BIN.gz" >"$BIN" && chmod +x "$BIN"
 fi
 [[ -x $BIN ]] || { echo "no magpie binary at $BIN (build it with scripts/build-cuda, carry dist/)" >&2; exit 2; }
@@ -63,7 +67,7 @@ EOF
     if [[ -n $f ]]; then ln -sf "$f" "$LIBS/$so"; else echo "warning: $so not found in $PY's site-packages" >&2; fi
 done
 export LD_LIBRARY_PATH=$LIBS:${LD_LIBRARY_PATH:-}
-export CUDA_CACHE_PATH=/tmp/magpie-cuda-cache CUDA_CACHE_MAXSIZE=2147483648
+export CUDA_CACHE_PATH=/tmp/magpie-cuda-cache CUDA_CACHE_MAXSIZE=2147483648 CUDA_MODULE_LOADING=LAZY
 step "versions" bash -c "'$BIN' --version; '$PY' -c 'import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name(0))'"
 
 # --- 2. device choice -------------------------------------------------------------------
