@@ -41,10 +41,10 @@ pub enum ClipPrecision {
     Auto,
     /// f32 throughout: the reference.
     F32,
-    /// The attention output projection and the MLP on the BF16 dot-product kernel
-    /// (activations and weights rounded to bf16, f32 accumulation); the QKV projection,
-    /// embeddings, LayerNorms, attention and the projections stay f32. Falls back to f32
-    /// where the CPU lacks the instructions.
+    /// The linear layers on the BF16 dot-product kernel (activations and weights rounded
+    /// to bf16, f32 accumulation), except the image tower's QKV projection, whose errors
+    /// the attention would sharpen; embeddings, LayerNorms, attention and the projections
+    /// stay f32. Falls back to f32 where the CPU lacks the instructions.
     Bf16,
 }
 

@@ -122,12 +122,13 @@ enum Encoder {
 }
 
 impl Encoder {
-    fn new(d: EncoderDims, n: usize, vb: VarBuilder) -> Result<Self> {
+    /// `bf16` is the precision used when the loader asks for BF16 kernels.
+    fn new(d: EncoderDims, n: usize, vb: VarBuilder, bf16: crate::cpu::Precision) -> Result<Self> {
         let vb = vb.pp("layers");
         if !(vb.device().is_cpu() && vb.dtype() == DType::F32) {
             return Ok(Encoder::Candle((0..n).map(|i| EncoderLayer::new(d, vb.pp(i))).collect::<Result<_>>()?));
         }
-        let precision = if crate::nn::bf16_enabled() { crate::cpu::Precision::Bf16 } else { crate::cpu::Precision::F32 };
+        let precision = if crate::nn::bf16_enabled() { bf16 } else { crate::cpu::Precision::F32 };
         let isa = crate::cpu::Isa::detect();
         let layers = (0..n)
             .map(|i| Ok(crate::cpu::EncoderLayer::new(&layer_weights(d, vb.pp(i))?, isa, precision)))
@@ -218,7 +219,9 @@ impl TextTransformer {
         Ok(Self {
             token_embedding: e.pp("token_embedding").get((c.vocab_size, c.hidden_size), "weight")?,
             position_embedding: e.pp("position_embedding").get((c.max_position_embeddings, c.hidden_size), "weight")?,
-            encoder: Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"))?,
+            // Text embeddings keep cosine ≥ 0.9998 with the QKV projection in bf16 too (the
+            // image tower does not), and a short query is bound by reading the weights.
+            encoder: Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"), crate::cpu::Precision::Bf16WithQkv)?,
             final_layer_norm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
             cfg: c.clone(),
         })
@@ -302,7 +305,7 @@ impl VisionTransformer {
             eps: c.layer_norm_eps,
         };
         let patch_wt = patch.reshape((c.hidden_size, c.num_channels * p * p))?.t()?.contiguous()?;
-        let encoder = Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"))?;
+        let encoder = Encoder::new(d, c.num_hidden_layers, vb.pp("encoder"), crate::cpu::Precision::Bf16)?;
         let patch_packed = match &encoder {
             Encoder::Cpu(_) => {
                 let (k, n) = patch_wt.dims2()?;
