@@ -245,6 +245,7 @@ pub fn gemm_ep(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use crate::cpu::gemm::x86::{col_masks, init_tile, store_tile};
     use std::arch::x86_64::*;
 
     /// Cache blocking of one call; see the module docs.
@@ -467,49 +468,8 @@ mod x86 {
         cols: usize,
         init: Init,
     ) {
-        let full = cols == NV * 16;
-        let mut mask = [0u16; NV];
-        for (v, mask) in mask.iter_mut().enumerate() {
-            let lanes = cols.saturating_sub(v * 16).min(16);
-            *mask = ((1u32 << lanes) - 1) as u16;
-        }
-
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        match init {
-            Init::Zero => {}
-            Init::Bias(bias) => {
-                for v in 0..NV {
-                    let x = if full {
-                        _mm512_loadu_ps(bias.add(v * 16))
-                    } else {
-                        _mm512_maskz_loadu_ps(mask[v], bias.add(v * 16))
-                    };
-                    for row in acc.iter_mut() {
-                        row[v] = x;
-                    }
-                }
-            }
-            Init::Load | Init::LoadBias(_) => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for (v, x) in row.iter_mut().enumerate() {
-                        let p = c.add(r * ldc + v * 16);
-                        *x = if full {
-                            _mm512_loadu_ps(p)
-                        } else {
-                            _mm512_maskz_loadu_ps(mask[v], p)
-                        };
-                        if let Init::LoadBias(bias) = init {
-                            let b = if full {
-                                _mm512_loadu_ps(bias.add(v * 16))
-                            } else {
-                                _mm512_maskz_loadu_ps(mask[v], bias.add(v * 16))
-                            };
-                            *x = _mm512_add_ps(*x, b);
-                        }
-                    }
-                }
-            }
-        }
+        let (full, mask) = col_masks::<NV>(cols);
+        let mut acc = init_tile::<R, NV>(init, c, ldc, full, &mask);
 
         let mut ap = [a; R];
         for (r, p) in ap.iter_mut().enumerate() {
@@ -529,17 +489,7 @@ mod x86 {
             }
             bp = bp.add(NV * 16);
         }
-
-        for (r, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                let p = c.add(r * ldc + v * 16);
-                if full {
-                    _mm512_storeu_ps(p, *x);
-                } else {
-                    _mm512_mask_storeu_ps(p, mask[v], *x);
-                }
-            }
-        }
+        store_tile::<R, NV>(&acc, c, ldc, full, &mask);
     }
 
     #[inline]

@@ -422,9 +422,73 @@ unsafe fn tile_scalar(rows: usize, kn: usize, a: *const f32, lda: usize, b: *con
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{Init, NR};
     use std::arch::x86_64::*;
+
+    /// Whether a tile of `cols` columns fills all NV vectors, and each vector's lane mask.
+    #[inline]
+    pub(crate) fn col_masks<const NV: usize>(cols: usize) -> (bool, [u16; NV]) {
+        let mut mask = [0u16; NV];
+        for (v, m) in mask.iter_mut().enumerate() {
+            *m = ((1u32 << cols.saturating_sub(v * 16).min(16)) - 1) as u16;
+        }
+        (cols == NV * 16, mask)
+    }
+
+    /// A micro-tile's f32 accumulators (R rows × NV vectors) as `init` says: zero, the
+    /// bias, C, or C plus the bias. Shared by the f32 and BF16 kernels.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `c` R rows `ldc` apart and a bias pointer readable where `mask`
+    /// has lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn init_tile<const R: usize, const NV: usize>(init: Init, c: *const f32, ldc: usize, full: bool, mask: &[u16; NV]) -> [[__m512; NV]; R] {
+        let load = |p: *const f32, v: usize| if full { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps(mask[v], p) };
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        match init {
+            Init::Zero => {}
+            Init::Bias(bias) => {
+                for v in 0..NV {
+                    let x = load(bias.add(v * 16), v);
+                    for row in acc.iter_mut() {
+                        row[v] = x;
+                    }
+                }
+            }
+            Init::Load | Init::LoadBias(_) => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = load(c.add(r * ldc + v * 16), v);
+                        if let Init::LoadBias(bias) = init {
+                            *x = _mm512_add_ps(*x, load(bias.add(v * 16), v));
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// Stores a micro-tile's accumulators into C (the lanes of `mask` only, unless full).
+    ///
+    /// # Safety
+    /// AVX-512 F present; `c` R rows `ldc` apart, writable where `mask` has lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store_tile<const R: usize, const NV: usize>(acc: &[[__m512; NV]; R], c: *mut f32, ldc: usize, full: bool, mask: &[u16; NV]) {
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                let p = c.add(r * ldc + v * 16);
+                if full {
+                    _mm512_storeu_ps(p, *x);
+                } else {
+                    _mm512_mask_storeu_ps(p, mask[v], *x);
+                }
+            }
+        }
+    }
 
     /// A tile of up to 6 rows and `cols` columns: one kernel instance per row count and
     /// per number of 16-column vectors, so that a narrow last panel (a head width of 88
@@ -467,34 +531,8 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel512<const R: usize, const NV: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
-        let full = cols == NV * 16;
-        let mut mask = [0u16; NV];
-        for (v, m) in mask.iter_mut().enumerate() {
-            *m = ((1u32 << cols.saturating_sub(v * 16).min(16)) - 1) as u16;
-        }
-        let load = |p: *const f32, v: usize| if full { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps(mask[v], p) };
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        match init {
-            Init::Zero => {}
-            Init::Bias(bias) => {
-                for v in 0..NV {
-                    let x = load(bias.add(v * 16), v);
-                    for row in acc.iter_mut() {
-                        row[v] = x;
-                    }
-                }
-            }
-            Init::Load | Init::LoadBias(_) => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for (v, x) in row.iter_mut().enumerate() {
-                        *x = load(c.add(r * ldc + v * 16), v);
-                        if let Init::LoadBias(bias) = init {
-                            *x = _mm512_add_ps(*x, load(bias.add(v * 16), v));
-                        }
-                    }
-                }
-            }
-        }
+        let (full, mask) = col_masks::<NV>(cols);
+        let mut acc = init_tile::<R, NV>(init, c, ldc, full, &mask);
         let mut ap = [a; R];
         for (r, p) in ap.iter_mut().enumerate() {
             *p = a.add(r * lda);
@@ -513,16 +551,7 @@ mod x86 {
             }
             bp = bp.add(NR);
         }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                let p = c.add(r * ldc + v * 16);
-                if full {
-                    _mm512_storeu_ps(p, *x);
-                } else {
-                    _mm512_mask_storeu_ps(p, mask[v], *x);
-                }
-            }
-        }
+        store_tile::<R, NV>(&acc, c, ldc, full, &mask);
     }
 
     /// A tile of up to 6 rows × 16 columns (one strip of a panel).
