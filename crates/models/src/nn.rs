@@ -111,28 +111,6 @@ impl Module for Linear {
         let (rows, k) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
         let x2 = x.reshape((rows, k))?;
         let y = match &self.weight {
-            Weight::Dense(wt) if rows <= crate::cpu::gemv_f16::MAX_ROWS && wt.dtype() == DType::F16 && wt.device().is_cpu() && crate::cpu::gemv_f16::available() => {
-                // A decoding step in f16: bound by reading the weights (see gemv_f16).
-                let xs: Vec<f32> = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?;
-                let (k, n) = wt.dims2()?;
-                let mut y = vec![0f32; rows * n];
-                {
-                    let (storage, layout) = wt.storage_and_layout();
-                    let candle_core::Storage::Cpu(candle_core::CpuStorage::F16(data)) = &*storage else {
-                        candle_core::bail!("f16 weight without f16 CPU storage");
-                    };
-                    let Some((start, end)) = layout.contiguous_offsets() else {
-                        candle_core::bail!("f16 weight is not contiguous");
-                    };
-                    // SAFETY: half::f16 is a transparent u16.
-                    let bits = unsafe { std::slice::from_raw_parts(data[start..end].as_ptr() as *const u16, end - start) };
-                    crate::cpu::gemv_f16::gemv_f16(&xs, rows, bits, k, n, bias.as_deref(), &mut y);
-                }
-                let mut out = dims.to_vec();
-                *out.last_mut().expect("non-empty") = self.out_dim;
-                return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype())?.reshape(out);
-            }
             Weight::Dense(wt) => x2.matmul(wt)?,
             Weight::Quantized(q) => q.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?,
         };

@@ -14,7 +14,6 @@
 
 pub mod encoder;
 pub mod gemm;
-pub mod gemv_f16;
 pub mod math;
 
 pub use encoder::{EncoderLayer, LayerWeights, Precision, Stack};
