@@ -594,7 +594,7 @@ async fn run(cli: Cli) -> Result<()> {
             drop(clip);
             if captions {
                 let blip = load_blip2(&g)?;
-                out["blip2"] = bench::blip2(&blip, batch.min(8), seconds)?;
+                out["blip2"] = bench::blip2(&blip, batch, seconds)?;
             }
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&out)?);

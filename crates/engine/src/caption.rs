@@ -64,9 +64,7 @@ pub struct CaptionReport {
 
 /// Decodes an image file and captions it; nothing is stored.
 pub fn caption_file(path: &Path, captioner: &dyn Captioner, opts: &CaptionOptions) -> Result<String> {
-    let decode = DecodeOptions { max_pixels: opts.max_pixels, min_side: Some(captioner.input_side()) };
-    let decoded = magpie_media::decode_file(path, &decode)?;
-    Ok(captioner.caption(&decoded.image, &opts.generation)?.trim().to_string())
+    caption_files(&[path.to_path_buf()], captioner, opts).pop().expect("one result per file")
 }
 
 /// [`caption_file`] on the blocking pool.
