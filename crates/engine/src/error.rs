@@ -26,6 +26,8 @@ pub enum Error {
     EmptyQuestion,
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("the library was switched to model {now} (by `magpie reindex --model` in another process) after this program opened it with {opened}: open it again (restart `magpie serve`) to index with {now}")]
+    Switched { now: String, opened: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -424,6 +424,7 @@ impl Library {
         cancel: Arc<AtomicBool>,
     ) -> Result<IndexReport> {
         self.check_model(embedder.model())?;
+        self.check_recorded_model().await?;
         let start = Instant::now();
         let mut report = IndexReport::default();
         let mut cands = Vec::new();
@@ -485,6 +486,7 @@ impl Library {
         cancel: Arc<AtomicBool>,
     ) -> Result<IndexReport> {
         self.check_model(embedder.model())?;
+        self.check_recorded_model().await?;
         let start = Instant::now();
         let mut walked = Vec::with_capacity(roots.len());
         for root in roots {

@@ -260,6 +260,16 @@ impl Library {
         }
         Ok(())
     }
+
+    /// Before writing embeddings: the model SQLite records is still the one this
+    /// `Library` was opened with (another process may have switched it since, and this
+    /// one's embeddings would then be of the old model).
+    pub(crate) async fn check_recorded_model(&self) -> Result<()> {
+        match self.store.model().await? {
+            Some(now) if now != self.model => Err(Error::Switched { now: now.id, opened: self.model.id.clone() }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Decodes, preprocesses and embeds one image file.

@@ -943,3 +943,37 @@ fn copy_vector_files(dir: &std::path::Path) -> Vec<(std::ffi::OsString, Vec<u8>)
         .map(|p| (p.file_name().unwrap().to_owned(), std::fs::read(&p).unwrap()))
         .collect()
 }
+
+/// A library switched to another model by another handle (another process) refuses to
+/// take the old model's embeddings from a handle opened before the switch.
+#[tokio::test]
+async fn a_handle_opened_before_a_model_switch_does_not_index_with_the_old_model() {
+    let photos = photos();
+    let data = data_dir();
+    let old_handle = open(data.path()).await;
+    let fake = FakeEmbedder::new();
+    index(&old_handle, &photos.root, &fake).await;
+
+    // Another handle switches the library to another model.
+    let other = ModelInfo { id: "fake/other".into(), dim: model().dim };
+    let switcher = open(data.path()).await;
+    let new_fake = FakeEmbedder::with_model(other.clone());
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let r = switcher.switch_model(new_fake.image(), &opts(), &|_, _| {}, &cancel).await.unwrap();
+    assert!(r.switched, "{r:?}");
+
+    // The old handle still searches (its index is the old model's, consistent), but
+    // writing with the old model is refused with a message that says what to do.
+    std::fs::copy(photos.path("red.png"), photos.root.join("red-copy.png")).unwrap();
+    let e = old_handle.index(&[photos.root.clone()], fake.image(), &opts(), &|_| {}).await.unwrap_err();
+    assert!(matches!(e, Error::Switched { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("fake/other") && msg.contains("restart"), "{msg}");
+    let paths = [photos.root.join("red-copy.png")];
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    assert!(matches!(old_handle.index_paths(&[photos.root.clone()], &paths, fake.image(), &opts(), cancel).await, Err(Error::Switched { .. })));
+    // A handle opened now indexes with the new model.
+    let fresh = Library::open(data.path(), &other, Default::default()).await.unwrap();
+    let r = fresh.index(&[photos.root.clone()], new_fake.image(), &opts(), &|_| {}).await.unwrap();
+    assert_eq!(r.added, 1, "{r:?}");
+}

@@ -69,6 +69,7 @@ impl From<EngineError> for ApiError {
             // An uploaded image that cannot be decoded: the media error names the upload.
             EngineError::Media(m) => ApiError::new(StatusCode::BAD_REQUEST, "not_an_image", m.to_string()),
             EngineError::Model(magpie_core::Error::Dimension { .. }) => ApiError::bad_request(e.to_string()),
+            EngineError::Switched { .. } => ApiError::new(StatusCode::CONFLICT, "model_switched", e.to_string()),
             _ => {
                 tracing::error!("request failed: {e}");
                 ApiError::internal()
