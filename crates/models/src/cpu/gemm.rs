@@ -199,7 +199,7 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
     assert!(!(ep.accumulate && ep.act != Act::None), "cpu::gemm: an activation cannot follow accumulation");
     match w {
         PackedWeight::Bf16(b) => crate::bf16_gemm::gemm_ep(a, m, b, bias, c, ep),
-        PackedWeight::F32(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep, true),
+        PackedWeight::F32(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
     }
 }
 
@@ -208,10 +208,36 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
 /// read and written in place).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_strided(isa: Isa, a: &[f32], lda: usize, m: usize, w: &PackedF32, c: &mut [f32], ldc: usize, ep: Epilogue) {
-    assert!(m == 0 || a.len() >= (m - 1) * lda + w.k, "cpu::gemm_strided: a too short");
     assert!(m == 0 || c.len() >= (m - 1) * ldc + w.n, "cpu::gemm_strided: c too short");
+    // SAFETY: c holds the m rows of w.n values ldc apart (just checked).
+    unsafe { gemm_strided_raw(isa, a, lda, m, w, c.as_mut_ptr(), ldc, ep) }
+}
+
+/// [`gemm_strided`] writing through a raw pointer, for tasks that each write their own
+/// columns of one output (no `&mut` slice may then cover the other tasks' columns).
+///
+/// # Safety
+/// `c` points at m rows `ldc` apart, each with `w.n()` writable values that nothing else
+/// accesses during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided_raw(isa: Isa, a: &[f32], lda: usize, m: usize, w: &PackedF32, c: *mut f32, ldc: usize, ep: Epilogue) {
+    assert!(m == 0 || a.len() >= (m - 1) * lda + w.k, "cpu::gemm_strided: a too short");
     assert!(lda >= w.k && ldc >= w.n);
-    gemm_f32(isa.f32_level(), a, lda, m, w, None, c, ldc, ep, false)
+    let (k, n) = (w.k, w.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+            if !ep.accumulate {
+                row.fill(0.0);
+            }
+            activate(isa, ep.act, row);
+        }
+        return;
+    }
+    task(isa.f32_level(), a.as_ptr(), lda, w, None, c, ldc, (0, m), (0, n.div_ceil(NR)), ep)
 }
 
 /// A pointer that may cross threads: the tasks write disjoint tiles of C.
@@ -284,7 +310,6 @@ fn gemm_f32(
     c: &mut [f32],
     ldc: usize,
     ep: Epilogue,
-    parallel: bool,
 ) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
@@ -312,9 +337,6 @@ fn gemm_f32(
         // level was capped to the hardware by f32_level().
         unsafe { task(isa, a.as_ptr(), lda, b, bias.map(|p| p as *const f32), cptr.get(), ldc, rows, pans, ep) }
     };
-    if !parallel {
-        return run((0, m), (0, panels));
-    }
     let (mt, nt) = task_grid(m, MR, panels, NR, 512, 192, 4);
     let rt = m.div_ceil(MR);
     (0..mt * nt).into_par_iter().for_each(|t| {
