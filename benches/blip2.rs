@@ -16,6 +16,8 @@
 //! `f32,f16,q8_0,q4_k`), `MAGPIE_BENCH_PEER_DTYPES` (transformers', default
 //! `f32,f16,bf16`).
 
+mod common;
+use common::{python, timed};
 use magpie_models::blip2::{Blip2, GenerateOptions, Precision};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -31,20 +33,6 @@ const DEEP: usize = 8;
 const VISION_LAYERS: usize = 39;
 const TEXT_LAYERS: usize = 32;
 const PHOTO: &str = "tests/fixtures/photos/chelsea.png";
-
-fn timed(min: Duration, min_iters: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let (mut n, start) = (0, Instant::now());
-    while n < min_iters || start.elapsed() < min {
-        f();
-        n += 1;
-    }
-    start.elapsed().as_secs_f64() / n as f64
-}
-
-fn python() -> String {
-    std::env::var("MAGPIE_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 fn model_dir(layers: usize) -> PathBuf {
     let dir = PathBuf::from(format!("bench-data/blip2-opt-2.7b-L{layers}"));

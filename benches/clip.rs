@@ -9,6 +9,8 @@
 //! `RAYON_NUM_THREADS` (threads for everyone, default all cores), `MAGPIE_BENCH_JPEGS`
 //! (number of 12-megapixel JPEGs for the indexing run, default 48).
 
+mod common;
+use common::{python, timed};
 use magpie_core::{ImageEmbedder, Pixels};
 use magpie_engine::{IndexOptions, Library, LibraryConfig};
 use magpie_models::cpu::encoder::profile;
@@ -20,20 +22,6 @@ use std::time::{Duration, Instant};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn timed(min: Duration, min_iters: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let (mut n, start) = (0, Instant::now());
-    while n < min_iters || start.elapsed() < min {
-        f();
-        n += 1;
-    }
-    start.elapsed().as_secs_f64() / n as f64
-}
-
-fn python() -> String {
-    std::env::var("MAGPIE_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 fn ensure_model(dir: &Path) {
     if dir.join("model.safetensors").is_file() {

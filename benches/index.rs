@@ -15,6 +15,8 @@
 //! the peer), `MAGPIE_BENCH_QUERIES` (default 10000), `MAGPIE_BENCH_EFS` (default
 //! `16,32,64,128,256`), `RAYON_NUM_THREADS` (build threads for both, default all cores).
 
+mod common;
+use common::python;
 use magpie_index::{ExactIndex, HnswIndex, IndexParams};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -37,10 +39,6 @@ const MIN_PASSES: usize = 2;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn python() -> String {
-    std::env::var("MAGPIE_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// CPU seconds used by the calling thread (wall-clock seconds where unavailable).

@@ -1,0 +1,23 @@
+//! Helpers shared by the benchmarks (each bench includes this file as `mod common`).
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// Mean seconds per call of `f` over at least `min` and `min_iters` calls, after one
+/// warm-up call.
+pub fn timed(min: Duration, min_iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let (mut n, start) = (0, Instant::now());
+    while n < min_iters || start.elapsed() < min {
+        f();
+        n += 1;
+    }
+    start.elapsed().as_secs_f64() / n as f64
+}
+
+/// The Python that runs the peers (`MAGPIE_BENCH_PYTHON`, default `python3`; `none` skips
+/// them where a bench allows it).
+pub fn python() -> String {
+    std::env::var("MAGPIE_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
