@@ -602,11 +602,17 @@ async fn run(cli: Cli) -> Result<()> {
                 let c = &out["clip"];
                 println!("device    {}", out["device"].as_str().unwrap_or(""));
                 println!("CLIP      {} ({})", c["model"].as_str().unwrap_or(""), c["precision"].as_str().unwrap_or(""));
-                for (b, r) in c["images_per_s"].as_object().into_iter().flatten() {
-                    println!("          {:>8.1} images/s at batch {b}", r.as_f64().unwrap_or(0.0));
+                // JSON objects keep their keys sorted as text ("16" < "8"): print by number.
+                let by_number = |v: &serde_json::Value| {
+                    let mut kv: Vec<(usize, f64)> = v.as_object().into_iter().flatten().filter_map(|(k, x)| Some((k.parse().ok()?, x.as_f64()?))).collect();
+                    kv.sort_by_key(|(k, _)| *k);
+                    kv
+                };
+                for (b, r) in by_number(&c["images_per_s"]) {
+                    println!("          {r:>8.1} images/s at batch {b}");
                 }
-                for (t, ms) in c["text_query_ms"].as_object().into_iter().flatten() {
-                    println!("          {:>8.2} ms per {t}-token text query", ms.as_f64().unwrap_or(0.0));
+                for (t, ms) in by_number(&c["text_query_ms"]) {
+                    println!("          {ms:>8.2} ms per {t}-token text query");
                 }
                 if let Some(b) = out.get("blip2") {
                     let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
