@@ -227,8 +227,8 @@ impl EncoderLayer {
             HEAD.with(|cell| {
                 let (kt, v, scores) = &mut *cell.borrow_mut();
                 // Kᵀ (d × seq): its column j is K's row j.
-                kt.repack_rows(d, seq, |j, out| out.copy_from_slice(head_row(1, j)));
-                v.repack(seq, d, |j, kk| head_row(2, j)[kk]);
+                kt.repack_from_cols(d, seq, |j| head_row(1, j));
+                v.repack_from_rows(seq, d, |j| head_row(2, j));
                 let scores = sized(scores, seq * seq);
                 gemm_strided(isa, &rows[hd * d..], 3 * h, seq, kt, scores, seq, Epilogue::STORE);
                 softmax_rows(isa, scores, seq, scale, mask);

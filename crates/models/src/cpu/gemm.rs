@@ -83,6 +83,20 @@ impl PackedF32 {
         }
     }
 
+    /// Packs W, K × N, given row by row: `row(k)` is W[k][0..N] (contiguous, copied in
+    /// panel-wide pieces). Reuses this buffer's memory like [`repack`](Self::repack).
+    pub fn repack_from_rows<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) {
+        let all = self.reshape(k, n);
+        for kk in 0..k {
+            let r = row(kk);
+            assert_eq!(r.len(), n, "PackedF32::repack_from_rows: row {kk} has {} values, not {n}", r.len());
+            for (jp, piece) in r.chunks(NR).enumerate() {
+                let at = jp * k * NR + kk * NR;
+                all[at..at + piece.len()].copy_from_slice(piece);
+            }
+        }
+    }
+
     /// The buffer for a K × N weight, zero where it pads; kept (padding and all) when the
     /// shape is the one already packed.
     fn reshape(&mut self, k: usize, n: usize) -> &mut [f32] {
@@ -96,19 +110,17 @@ impl PackedF32 {
         lines_as_floats_mut(&mut self.data)
     }
 
-    /// Packs W, K × N, given column by column: `col(j, out)` writes W[0..K][j] into `out`
-    /// (e.g. row j of a matrix whose transpose is W, read contiguously). Reuses this
-    /// buffer's memory; the zero padding of the last panel is kept from one call to the
-    /// next when the shape does not change.
-    pub fn repack_rows(&mut self, k: usize, n: usize, mut col: impl FnMut(usize, &mut [f32])) {
+    /// Packs W, K × N, given column by column: `col(j)` is W[0..K][j] (contiguous: e.g.
+    /// row j of a matrix whose transpose is W). Reuses this buffer's memory like
+    /// [`repack`](Self::repack).
+    pub fn repack_from_cols<'a>(&mut self, k: usize, n: usize, col: impl Fn(usize) -> &'a [f32]) {
         let all = self.reshape(k, n);
-        let mut tmp = vec![0f32; k];
         for j in 0..n {
-            col(j, &mut tmp);
-            let (jp, jj) = (j / NR, j % NR);
-            let panel = &mut all[jp * k * NR..(jp + 1) * k * NR];
-            for (kk, v) in tmp.iter().enumerate() {
-                panel[kk * NR + jj] = *v;
+            let c = col(j);
+            assert_eq!(c.len(), k, "PackedF32::repack_from_cols: column {j} has {} values, not {k}", c.len());
+            let panel = &mut all[(j / NR) * k * NR..(j / NR + 1) * k * NR];
+            for (kk, v) in c.iter().enumerate() {
+                panel[kk * NR + j % NR] = *v;
             }
         }
     }
@@ -781,8 +793,11 @@ mod tests {
             let w2 = rng.vec(kk * nn);
             reused.repack(kk, nn, |a, b| w2[a * nn + b]);
             assert_eq!(f(&reused), f(&PackedF32::pack(&w2, kk, nn)), "{kk}×{nn}");
-            reused.repack_rows(kk, nn, |j, out| out.iter_mut().enumerate().for_each(|(a, o)| *o = w2[a * nn + j]));
+            let cols: Vec<Vec<f32>> = (0..nn).map(|j| (0..kk).map(|a| w2[a * nn + j]).collect()).collect();
+            reused.repack_from_cols(kk, nn, |j| &cols[j]);
             assert_eq!(f(&reused), f(&PackedF32::pack(&w2, kk, nn)), "{kk}×{nn} by columns");
+            reused.repack_from_rows(kk, nn, |a| &w2[a * nn..(a + 1) * nn]);
+            assert_eq!(f(&reused), f(&PackedF32::pack(&w2, kk, nn)), "{kk}×{nn} by rows");
         }
         let z = PackedWeight::F32(PackedF32::pack(&[], 0, 3));
         let mut c = vec![f32::NAN; 6];
