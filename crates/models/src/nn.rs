@@ -6,6 +6,17 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+/// A tensor `name` under `vb`, of `shape`, as f32 values in storage order (weights read
+/// for the CPU kernels).
+pub(crate) fn read_f32(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Vec<f32>> {
+    vb.get(shape, name)?.flatten_all()?.to_vec1()
+}
+
+/// A LayerNorm's `(weight, bias)` of `dim` values under `vb`.
+pub(crate) fn read_layer_norm(vb: &VarBuilder, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    Ok((read_f32(vb, &[dim], "weight")?, read_f32(vb, &[dim], "bias")?))
+}
+
 /// A linear layer. Dense weights are kept transposed (`in × out`, contiguous), which is
 /// what gemm is fastest with for small batches; a quantized weight (ggml blocks, candle's
 /// `QMatMul`) keeps PyTorch's `out × in` rows and takes f32 activations.

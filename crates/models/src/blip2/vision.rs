@@ -163,7 +163,7 @@ enum Layers {
 /// `cat(q_bias, 0, v_bias)`.
 fn layer_weights(c: &VisionConfig, vb: VarBuilder) -> Result<crate::cpu::LayerWeights> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
-    let get = |vb: &VarBuilder, shape: &[usize], name: &str| -> Result<Vec<f32>> { vb.get(shape, name)?.flatten_all()?.to_vec1() };
+    let get = crate::nn::read_f32;
     let a = vb.pp("self_attn");
     let qkv_b = if !c.qkv_bias {
         vec![0.0; 3 * h]
@@ -175,7 +175,7 @@ fn layer_weights(c: &VisionConfig, vb: VarBuilder) -> Result<crate::cpu::LayerWe
     } else {
         get(&a.pp("qkv"), &[3 * h], "bias")?
     };
-    let ln = |n: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(&vb.pp(n), &[h], "weight")?, get(&vb.pp(n), &[h], "bias")?)) };
+    let ln = |n: &str| crate::nn::read_layer_norm(&vb.pp(n), h);
     let (fc1, fc2) = (vb.pp("mlp").pp("fc1"), vb.pp("mlp").pp("fc2"));
     Ok(crate::cpu::LayerWeights {
         hidden: h,

@@ -167,7 +167,7 @@ impl From<Activation> for crate::cpu::Act {
 /// One encoder layer's weights, read for the CPU kernels (Q, K and V stacked).
 fn layer_weights(d: EncoderDims, vb: VarBuilder) -> Result<crate::cpu::LayerWeights> {
     let (h, i) = (d.hidden, d.intermediate);
-    let get = |vb: VarBuilder, shape: &[usize], name: &str| -> Result<Vec<f32>> { vb.get(shape, name)?.flatten_all()?.to_vec1() };
+    let get = |vb: VarBuilder, shape: &[usize], name: &str| crate::nn::read_f32(&vb, shape, name);
     let a = vb.pp("self_attn");
     let mut qkv_w = Vec::with_capacity(3 * h * h);
     let mut qkv_b = Vec::with_capacity(3 * h);
@@ -175,7 +175,7 @@ fn layer_weights(d: EncoderDims, vb: VarBuilder) -> Result<crate::cpu::LayerWeig
         qkv_w.extend(get(a.pp(p), &[h, h], "weight")?);
         qkv_b.extend(get(a.pp(p), &[h], "bias")?);
     }
-    let ln = |n: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(vb.pp(n), &[h], "weight")?, get(vb.pp(n), &[h], "bias")?)) };
+    let ln = |n: &str| crate::nn::read_layer_norm(&vb.pp(n), h);
     Ok(crate::cpu::LayerWeights {
         hidden: h,
         intermediate: i,
