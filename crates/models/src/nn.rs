@@ -5,6 +5,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use crate::cpu::{Epilogue, Isa, Packed, PackedWeight};
 
 /// A tensor `name` under `vb`, of `shape`, as f32 values in storage order (weights read
 /// for the CPU kernels).
@@ -31,6 +32,9 @@ pub struct Linear {
 enum Weight {
     Dense(Tensor),
     Quantized(QMatMul),
+    /// Packed for magpie's CPU kernels, with the bias (if any) in f32, added in the
+    /// kernel's store.
+    Packed(std::sync::Arc<(PackedWeight, Option<Vec<f32>>)>),
 }
 
 thread_local! {
@@ -79,7 +83,7 @@ impl Linear {
         for p in &parts {
             match &p.weight {
                 Weight::Dense(wt) => wts.push(wt),
-                Weight::Quantized(_) => candle_core::bail!("cannot fuse quantized linear layers"),
+                Weight::Quantized(_) | Weight::Packed(_) => candle_core::bail!("cannot fuse quantized or packed linear layers"),
             }
         }
         let wt = Tensor::cat(&wts, 1)?;
@@ -95,8 +99,29 @@ impl Linear {
     pub(crate) fn quantized(self, dtype: GgmlDType) -> Result<Self> {
         match &self.weight {
             Weight::Dense(wt) => Self::from_weight_quantized(&wt.t()?, self.bias.clone(), dtype),
-            Weight::Quantized(_) => Ok(self),
+            Weight::Quantized(_) | Weight::Packed(_) => Ok(self),
         }
+    }
+
+    /// The same layer on magpie's CPU kernels ([`crate::cpu::gemm`]) when its weight is a
+    /// dense f32, f16 or bf16 one on the CPU: packed in its own dtype (a half-precision
+    /// weight is widened to f32 as the kernel loads it, so it reads half the memory), the
+    /// bias fused into the store. Otherwise (a GPU, a quantized weight) unchanged. The
+    /// layer then takes and returns any float dtype, computing in f32.
+    pub(crate) fn packed_for_cpu(self) -> Result<Self> {
+        let Weight::Dense(wt) = &self.weight else { return Ok(self) };
+        if !wt.device().is_cpu() {
+            return Ok(self);
+        }
+        let (k, n) = wt.dims2()?;
+        let packed = match wt.dtype() {
+            DType::F32 => PackedWeight::F32(Packed::pack_rows(&wt.flatten_all()?.to_vec1::<f32>()?, k, n)),
+            DType::F16 => PackedWeight::F16(Packed::pack_rows(&wt.flatten_all()?.to_vec1::<half::f16>()?, k, n)),
+            DType::BF16 => PackedWeight::Bf16Widened(Packed::pack_rows(&wt.flatten_all()?.to_vec1::<half::bf16>()?, k, n)),
+            _ => return Ok(self),
+        };
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        Ok(Self { weight: Weight::Packed(std::sync::Arc::new((packed, bias))), bias: None, out_dim: self.out_dim })
     }
 
     /// From a PyTorch-layout (`out × in`) weight, quantized to `dtype`; the bias is kept in
@@ -124,6 +149,13 @@ impl Module for Linear {
         let y = match &self.weight {
             Weight::Dense(wt) => x2.matmul(wt)?,
             Weight::Quantized(q) => q.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?,
+            Weight::Packed(p) => {
+                let (w, bias) = &**p;
+                let a: Vec<f32> = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let mut c = vec![0f32; rows * self.out_dim];
+                crate::cpu::gemm(Isa::detect(), &a, rows, w, bias.as_deref(), &mut c, Epilogue::STORE);
+                Tensor::from_vec(c, (rows, self.out_dim), x.device())?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

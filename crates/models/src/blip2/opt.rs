@@ -179,11 +179,13 @@ impl DecoderLayer {
 }
 
 /// Quantizes a layer right after loading, so that only one layer's dense weights are in
-/// memory at a time.
+/// memory at a time; or, unquantized on a CPU, packs it for magpie's kernels (decoding a
+/// token reads every weight once: the packed half-precision GEMM reads them at the
+/// memory's rate, candle's matmul at about half of it).
 fn maybe_quantize(l: Linear, quant: Option<GgmlDType>) -> Result<Linear> {
     match quant {
         Some(q) => l.quantized(q),
-        None => Ok(l),
+        None => l.packed_for_cpu(),
     }
 }
 
@@ -208,8 +210,11 @@ pub struct OptForCausalLM {
     final_layer_norm: Option<LayerNorm>,
     /// `lm_head.weight` when untied; the head is `embed_tokens` otherwise.
     lm_head: Option<Tensor>,
-    /// The head, quantized, when the decoder is.
-    quantized_head: Option<Linear>,
+    /// The head as a linear layer: quantized when the decoder is, or packed for the CPU
+    /// kernels (a copy of the tied embeddings: the head is the largest single read of a
+    /// decoding step).
+    head: Option<Linear>,
+    quantized: bool,
     vocab_size: usize,
 }
 
@@ -254,7 +259,14 @@ impl OptForCausalLM {
             }
             None => None,
         };
-        let lm_head = if quantized_head.is_some() { None } else { lm_head };
+        let head = match quantized_head {
+            Some(q) => Some(q),
+            None if embed_tokens.device().is_cpu() => {
+                Some(Linear::from_weight(lm_head.as_ref().unwrap_or(&embed_tokens), None)?.packed_for_cpu()?)
+            }
+            None => None,
+        };
+        let lm_head = if head.is_some() { None } else { lm_head };
         let lv = d.pp("layers");
         Ok(Self {
             embed_tokens,
@@ -264,7 +276,8 @@ impl OptForCausalLM {
             layers: (0..c.num_hidden_layers).map(|i| DecoderLayer::new(c, lv.pp(i), quant)).collect::<Result<_>>()?,
             final_layer_norm,
             lm_head,
-            quantized_head,
+            head,
+            quantized: quant.is_some(),
             vocab_size: c.vocab_size,
         })
     }
@@ -332,12 +345,12 @@ impl OptForCausalLM {
 
     /// Whether the decoder's linear layers are quantized.
     pub fn is_quantized(&self) -> bool {
-        self.quantized_head.is_some()
+        self.quantized
     }
 
     fn lm_head(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(head) = &self.quantized_head {
-            return head.forward(&xs.to_dtype(DType::F32)?);
+        if let Some(head) = &self.head {
+            return if self.quantized { head.forward(&xs.to_dtype(DType::F32)?) } else { head.forward(xs) };
         }
         let (b, s, e) = xs.dims3()?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

@@ -36,26 +36,89 @@ const KC: usize = 256;
 /// 64 bytes, so that each panel starts on a cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([f32; 16]);
+struct Line([u8; 64]);
 
-/// A K × N f32 weight, packed for the micro-kernels.
-#[derive(Clone, Default)]
-pub struct PackedF32 {
-    k: usize,
-    n: usize,
-    data: Vec<Line>,
+/// What a packed weight holds: f32, or a 16-bit float widened to f32 as the kernels load
+/// it (exactly: every f16 and bf16 value is an f32 value), so that a half-precision
+/// weight reads half the memory of an f32 one at the f32 kernels' rate. Decoding one
+/// token at a time is bound by that memory.
+pub trait Elem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    const KIND: ElemKind;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
 }
 
-impl std::fmt::Debug for PackedF32 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackedF32").field("k", &self.k).field("n", &self.n).finish()
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemKind {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Elem for f32 {
+    const KIND: ElemKind = ElemKind::F32;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
-impl PackedF32 {
+impl Elem for half::f16 {
+    const KIND: ElemKind = ElemKind::F16;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+impl Elem for half::bf16 {
+    const KIND: ElemKind = ElemKind::Bf16;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// A K × N weight, packed for the micro-kernels, in f32 or (see [`Elem`]) f16 or bf16.
+#[derive(Clone)]
+pub struct Packed<E: Elem> {
+    k: usize,
+    n: usize,
+    data: Vec<Line>,
+    _elem: std::marker::PhantomData<E>,
+}
+
+/// The f32 packed weight of the encoders.
+pub type PackedF32 = Packed<f32>;
+
+impl<E: Elem> Default for Packed<E> {
+    fn default() -> Self {
+        Self { k: 0, n: 0, data: Vec::new(), _elem: std::marker::PhantomData }
+    }
+}
+
+impl<E: Elem> std::fmt::Debug for Packed<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packed").field("elem", &E::KIND).field("k", &self.k).field("n", &self.n).finish()
+    }
+}
+
+impl<E: Elem> Packed<E> {
     /// From `w`, K × N row-major.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
-        assert_eq!(w.len(), k * n, "PackedF32::pack: w has {} values, not K·N = {k}·{n}", w.len());
+        assert_eq!(w.len(), k * n, "Packed::pack: w has {} values, not K·N = {k}·{n}", w.len());
         let mut p = Self::default();
         p.repack(k, n, |kk, j| w[kk * n + j]);
         p
@@ -63,13 +126,28 @@ impl PackedF32 {
 
     /// From `w_nk`, N × K row-major: PyTorch's `Linear.weight` (out × in) as stored.
     pub fn pack_transposed(w_nk: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w_nk.len(), k * n, "PackedF32::pack_transposed: w has {} values, not N·K = {n}·{k}", w_nk.len());
+        assert_eq!(w_nk.len(), k * n, "Packed::pack_transposed: w has {} values, not N·K = {n}·{k}", w_nk.len());
         let mut p = Self::default();
         p.repack(k, n, |kk, j| w_nk[j * k + kk]);
         p
     }
 
-    /// Packs W[k][j] = `w(k, j)` into this buffer, reusing its memory.
+    /// From `w`, K × N row-major, already in this element type (copied, not rounded).
+    pub fn pack_rows(w: &[E], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "Packed::pack_rows: w has {} values, not K·N = {k}·{n}", w.len());
+        let mut p = Self::default();
+        let all = p.reshape(k, n);
+        for (kk, r) in w.chunks_exact(n.max(1)).enumerate().take(k) {
+            for (jp, piece) in r.chunks(NR).enumerate() {
+                let at = jp * k * NR + kk * NR;
+                all[at..at + piece.len()].copy_from_slice(piece);
+            }
+        }
+        p
+    }
+
+    /// Packs W[k][j] = `w(k, j)` (rounded to the element type) into this buffer, reusing
+    /// its memory.
     pub fn repack(&mut self, k: usize, n: usize, w: impl Fn(usize, usize) -> f32) {
         let all = self.reshape(k, n);
         for jp in 0..n.div_ceil(NR) {
@@ -77,7 +155,7 @@ impl PackedF32 {
             let cols = NR.min(n - jp * NR);
             for kk in 0..k {
                 for (jj, x) in panel[kk * NR..kk * NR + cols].iter_mut().enumerate() {
-                    *x = w(kk, jp * NR + jj);
+                    *x = E::from_f32(w(kk, jp * NR + jj));
                 }
             }
         }
@@ -89,25 +167,31 @@ impl PackedF32 {
         let all = self.reshape(k, n);
         for kk in 0..k {
             let r = row(kk);
-            assert_eq!(r.len(), n, "PackedF32::repack_from_rows: row {kk} has {} values, not {n}", r.len());
+            assert_eq!(r.len(), n, "Packed::repack_from_rows: row {kk} has {} values, not {n}", r.len());
             for (jp, piece) in r.chunks(NR).enumerate() {
                 let at = jp * k * NR + kk * NR;
-                all[at..at + piece.len()].copy_from_slice(piece);
+                for (d, s) in all[at..at + piece.len()].iter_mut().zip(piece) {
+                    *d = E::from_f32(*s);
+                }
             }
         }
     }
 
     /// The buffer for a K × N weight, zero where it pads; kept (padding and all) when the
     /// shape is the one already packed.
-    fn reshape(&mut self, k: usize, n: usize) -> &mut [f32] {
-        let lines = n.div_ceil(NR) * k * NR / 16;
+    fn reshape(&mut self, k: usize, n: usize) -> &mut [E] {
+        let values = n.div_ceil(NR) * k * NR;
+        let lines = (values * std::mem::size_of::<E>()).div_ceil(64);
         if (self.k, self.n) != (k, n) || self.data.len() != lines {
             self.data.clear();
-            self.data.resize(lines, Line([0.0; 16]));
+            self.data.resize(lines, Line([0; 64]));
             self.k = k;
             self.n = n;
         }
-        lines_as_floats_mut(&mut self.data)
+        // SAFETY: the lines hold at least `values` elements' bytes, 64-byte aligned (more
+        // than any Elem needs); every bit pattern (zero included) is a valid f32, f16 or
+        // bf16.
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_mut_ptr() as *mut E, values) }
     }
 
     /// Packs W, K × N, given column by column: `col(j)` is W[0..K][j] (contiguous: e.g.
@@ -117,10 +201,10 @@ impl PackedF32 {
         let all = self.reshape(k, n);
         for j in 0..n {
             let c = col(j);
-            assert_eq!(c.len(), k, "PackedF32::repack_from_cols: column {j} has {} values, not {k}", c.len());
+            assert_eq!(c.len(), k, "Packed::repack_from_cols: column {j} has {} values, not {k}", c.len());
             let panel = &mut all[(j / NR) * k * NR..(j / NR + 1) * k * NR];
             for (kk, v) in c.iter().enumerate() {
-                panel[kk * NR + j % NR] = *v;
+                panel[kk * NR + j % NR] = E::from_f32(*v);
             }
         }
     }
@@ -133,22 +217,40 @@ impl PackedF32 {
         self.n
     }
 
-    fn panel_ptr(&self, jp: usize) -> *const f32 {
+    /// Bytes of memory the packed values take.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 64
+    }
+
+    /// The packed values, padding included: panel after panel, K rows of [`NR`] each.
+    pub fn values(&self) -> &[E] {
+        let values = self.n.div_ceil(NR) * self.k * NR;
+        // SAFETY: as in `reshape`: the lines hold these values.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const E, values) }
+    }
+
+    /// W[k][j], widened to f32.
+    pub fn get(&self, k: usize, j: usize) -> f32 {
+        assert!(k < self.k && j < self.n, "Packed::get: ({k}, {j}) outside {}×{}", self.k, self.n);
+        self.values()[(j / NR) * self.k * NR + k * NR + j % NR].to_f32()
+    }
+
+    fn panel_ptr(&self, jp: usize) -> *const E {
         debug_assert!(jp < self.n.div_ceil(NR));
         // SAFETY (of the add): panel jp starts inside (or at the end of) the buffer.
-        unsafe { (self.data.as_ptr() as *const f32).add(jp * self.k * NR) }
+        unsafe { (self.data.as_ptr() as *const E).add(jp * self.k * NR) }
     }
-}
-
-fn lines_as_floats_mut(lines: &mut [Line]) -> &mut [f32] {
-    // SAFETY: a Line is 16 f32 with no padding.
-    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, lines.len() * 16) }
 }
 
 /// A weight in the form one of the kernels takes.
 #[derive(Debug, Clone)]
 pub enum PackedWeight {
     F32(PackedF32),
+    /// f16 values, widened to f32 as loaded.
+    F16(Packed<half::f16>),
+    /// bf16 values, widened to f32 as loaded (exact products, unlike [`Self::Bf16`]).
+    Bf16Widened(Packed<half::bf16>),
+    /// For the BF16 dot-product kernel: the activations are rounded to bf16 too.
     Bf16(std::sync::Arc<crate::bf16_gemm::PackedB>),
 }
 
@@ -165,6 +267,8 @@ impl PackedWeight {
     pub fn k(&self) -> usize {
         match self {
             PackedWeight::F32(p) => p.k,
+            PackedWeight::F16(p) => p.k,
+            PackedWeight::Bf16Widened(p) => p.k,
             PackedWeight::Bf16(p) => p.k(),
         }
     }
@@ -172,6 +276,8 @@ impl PackedWeight {
     pub fn n(&self) -> usize {
         match self {
             PackedWeight::F32(p) => p.n,
+            PackedWeight::F16(p) => p.n,
+            PackedWeight::Bf16Widened(p) => p.n,
             PackedWeight::Bf16(p) => p.n(),
         }
     }
@@ -212,6 +318,8 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
     match w {
         PackedWeight::Bf16(b) => crate::bf16_gemm::gemm_ep(a, m, b, bias, c, ep),
         PackedWeight::F32(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
+        PackedWeight::F16(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
+        PackedWeight::Bf16Widened(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
     }
 }
 
@@ -312,12 +420,12 @@ pub(crate) fn task_grid(m: usize, mr: usize, panels: usize, nr: usize, mc: usize
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(
+fn gemm_f32<E: Elem>(
     isa: Isa,
     a: &[f32],
     lda: usize,
     m: usize,
-    b: &PackedF32,
+    b: &Packed<E>,
     bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
@@ -364,11 +472,11 @@ fn gemm_f32(
 /// panels' columns (up to N), `bias` (if any) N values, and `isa` is at most what the
 /// hardware has.
 #[allow(clippy::too_many_arguments)]
-unsafe fn task(
+unsafe fn task<E: Elem>(
     isa: Isa,
     a: *const f32,
     lda: usize,
-    b: &PackedF32,
+    b: &Packed<E>,
     bias: Option<*const f32>,
     c: *mut f32,
     ldc: usize,
@@ -429,7 +537,7 @@ unsafe fn task(
 /// As for the SIMD kernels: `a` rows `lda` apart with `kn` values, `b` `kn` rows of
 /// [`NR`], `c` rows `ldc` apart with `cols` values, the bias `cols` values.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_scalar(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+unsafe fn tile_scalar<E: Elem>(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
     for r in 0..rows {
         let cr = c.add(r * ldc);
         let mut acc = [0f32; NR];
@@ -446,7 +554,7 @@ unsafe fn tile_scalar(rows: usize, kn: usize, a: *const f32, lda: usize, b: *con
             let x = *ar.add(p);
             let brow = std::slice::from_raw_parts(b.add(p * NR), NR);
             for (acc, w) in acc.iter_mut().zip(brow) {
-                *acc += x * w;
+                *acc += x * w.to_f32();
             }
         }
         for (j, x) in acc.iter().enumerate().take(cols) {
@@ -457,7 +565,7 @@ unsafe fn tile_scalar(rows: usize, kn: usize, a: *const f32, lda: usize, b: *con
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Init, NR};
+    use super::{Elem, ElemKind, Init, NR};
     use std::arch::x86_64::*;
 
     /// Whether a tile of `cols` columns fills all NV vectors, and each vector's lane mask.
@@ -524,6 +632,35 @@ pub(crate) mod x86 {
         }
     }
 
+    /// 16 values of a packed weight, widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `p` has 16 readable values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load512<E: Elem>(p: *const E) -> __m512 {
+        match E::KIND {
+            ElemKind::F32 => _mm512_loadu_ps(p as *const f32),
+            ElemKind::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            // bf16 is the top half of an f32.
+            ElemKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)))),
+        }
+    }
+
+    /// 8 values of a packed weight, widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C present; `p` has 8 readable values.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load256<E: Elem>(p: *const E) -> __m256 {
+        match E::KIND {
+            ElemKind::F32 => _mm256_loadu_ps(p as *const f32),
+            ElemKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            ElemKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))),
+        }
+    }
+
     /// A tile of up to 6 rows and `cols` columns: one kernel instance per row count and
     /// per number of 16-column vectors, so that a narrow last panel (a head width of 88
     /// is 64 + 24) computes 2 vectors, not 4.
@@ -532,16 +669,16 @@ pub(crate) mod x86 {
     /// AVX-512 F present; pointers as for [`kernel512`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile512(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    pub(super) unsafe fn tile512<E: Elem>(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
         macro_rules! by_rows {
             ($nv:literal) => {
                 match rows {
-                    6 => kernel512::<6, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    5 => kernel512::<5, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    4 => kernel512::<4, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    3 => kernel512::<3, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    2 => kernel512::<2, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    1 => kernel512::<1, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    6 => kernel512::<E, 6, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    5 => kernel512::<E, 5, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    4 => kernel512::<E, 4, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    3 => kernel512::<E, 3, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    2 => kernel512::<E, 2, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    1 => kernel512::<E, 1, $nv>(kn, a, lda, b, c, ldc, cols, init),
                     _ => unreachable!("cpu::gemm: tile of {rows} rows"),
                 }
             };
@@ -564,7 +701,7 @@ pub(crate) mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel512<const R: usize, const NV: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    unsafe fn kernel512<E: Elem, const R: usize, const NV: usize>(kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
         let (full, mask) = col_masks::<NV>(cols);
         let mut acc = init_tile::<R, NV>(init, c, ldc, full, &mask);
         let mut ap = [a; R];
@@ -575,7 +712,7 @@ pub(crate) mod x86 {
         for p in 0..kn {
             let mut bv = [_mm512_setzero_ps(); NV];
             for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(bp.add(v * 16));
+                *x = load512(bp.add(v * 16));
             }
             for r in 0..R {
                 let av = _mm512_set1_ps(*ap[r].add(p));
@@ -593,15 +730,15 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX2 and FMA present; pointers as for [`kernel256`].
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile256(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile256<E: Elem>(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
         match rows {
-            6 => kernel256::<6>(kn, a, lda, b, c, ldc, cols, init),
-            5 => kernel256::<5>(kn, a, lda, b, c, ldc, cols, init),
-            4 => kernel256::<4>(kn, a, lda, b, c, ldc, cols, init),
-            3 => kernel256::<3>(kn, a, lda, b, c, ldc, cols, init),
-            2 => kernel256::<2>(kn, a, lda, b, c, ldc, cols, init),
-            1 => kernel256::<1>(kn, a, lda, b, c, ldc, cols, init),
+            6 => kernel256::<E, 6>(kn, a, lda, b, c, ldc, cols, init),
+            5 => kernel256::<E, 5>(kn, a, lda, b, c, ldc, cols, init),
+            4 => kernel256::<E, 4>(kn, a, lda, b, c, ldc, cols, init),
+            3 => kernel256::<E, 3>(kn, a, lda, b, c, ldc, cols, init),
+            2 => kernel256::<E, 2>(kn, a, lda, b, c, ldc, cols, init),
+            1 => kernel256::<E, 1>(kn, a, lda, b, c, ldc, cols, init),
             _ => unreachable!("cpu::gemm: tile of {rows} rows"),
         }
     }
@@ -614,8 +751,8 @@ pub(crate) mod x86 {
     /// values; a bias pointer `cols` readable values.
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel256<const R: usize>(kn: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn kernel256<E: Elem, const R: usize>(kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
         // Partial strips go through a 16-value buffer per row (loads and stores only).
         let full = cols == 16;
         let load = |p: *const f32| -> [__m256; 2] {
@@ -653,8 +790,8 @@ pub(crate) mod x86 {
         }
         let mut bp = b;
         for p in 0..kn {
-            let b0 = _mm256_loadu_ps(bp);
-            let b1 = _mm256_loadu_ps(bp.add(8));
+            let b0 = load256(bp);
+            let b1 = load256(bp.add(8));
             for r in 0..R {
                 let av = _mm256_broadcast_ss(&*ap[r].add(p));
                 acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
@@ -724,20 +861,39 @@ mod tests {
 
     #[test]
     fn every_level_matches_the_naive_product() {
+        every_level_matches_the_naive_product_with::<f32>(|w, k, n| PackedWeight::F32(PackedF32::pack(w, k, n)));
+    }
+
+    #[test]
+    fn half_precision_weights_widen_exactly() {
+        every_level_matches_the_naive_product_with::<half::f16>(|w, k, n| PackedWeight::F16(Packed::pack(w, k, n)));
+        every_level_matches_the_naive_product_with::<half::bf16>(|w, k, n| PackedWeight::Bf16Widened(Packed::pack(w, k, n)));
+        // Already rounded values are copied as they are.
+        let w: Vec<half::f16> = Rng(3).vec(5 * 70).into_iter().map(half::f16::from_f32).collect();
+        let p = Packed::<half::f16>::pack_rows(&w, 5, 70);
+        assert_eq!(p.get(4, 69), w[4 * 70 + 69].to_f32());
+        assert_eq!(p.get(2, 3), w[2 * 70 + 3].to_f32());
+        assert_eq!(p.values()[5 * NR + 10], half::f16::ZERO, "padding of the second panel");
+    }
+
+    /// The product on every level, with weights of element type E (the reference uses
+    /// the weights rounded to E).
+    fn every_level_matches_the_naive_product_with<E: Elem>(pack: impl Fn(&[f32], usize, usize) -> PackedWeight) {
         let mut rng = Rng(0xfeed_beef);
-        let shapes = [(1, 1, 1), (1, 7, 65), (5, 64, 64), (6, 33, 17), (7, 300, 130), (13, 257, 200), (50, 64, 50), (61, 513, 129)];
+        let shapes = [(1, 1, 1), (1, 7, 65), (1, 300, 200), (5, 64, 64), (6, 33, 17), (7, 300, 130), (13, 257, 200), (50, 64, 50), (61, 513, 129)];
         for isa in levels() {
             for &(m, k, n) in &shapes {
-                for (with_bias, ep) in [(false, Epilogue::STORE), (true, Epilogue::act(Act::QuickGelu)), (true, Epilogue::ACCUMULATE), (false, Epilogue::ACCUMULATE)] {
+                for (with_bias, ep) in [(false, Epilogue::STORE), (true, Epilogue::act(Act::QuickGelu)), (true, Epilogue::act(Act::Relu)), (true, Epilogue::ACCUMULATE), (false, Epilogue::ACCUMULATE)] {
                     let (a, w, bias, c0) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n), rng.vec(m * n));
                     let bias = with_bias.then_some(&bias[..]);
-                    let pw = PackedWeight::F32(PackedF32::pack(&w, k, n));
+                    let pw = pack(&w, k, n);
+                    let rounded: Vec<f32> = w.iter().map(|&x| E::from_f32(x).to_f32()).collect();
                     let mut c = if ep.accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
                     gemm(isa, &a, m, &pw, bias, &mut c, ep);
-                    let want = naive(&a, m, k, &w, n, bias, ep.accumulate.then_some(&c0[..]), ep.act);
+                    let want = naive(&a, m, k, &rounded, n, bias, ep.accumulate.then_some(&c0[..]), ep.act);
                     for (idx, (x, y)) in c.iter().zip(&want).enumerate() {
                         let tol = 1e-5 * (k as f64).sqrt() * (1.0 + y.abs());
-                        assert!((*x as f64 - y).abs() <= tol, "{isa} M={m} K={k} N={n} {ep:?}: c[{idx}] = {x}, want {y}");
+                        assert!((*x as f64 - y).abs() <= tol, "{isa} {:?} M={m} K={k} N={n} {ep:?}: c[{idx}] = {x}, want {y}", E::KIND);
                     }
                 }
             }
@@ -782,7 +938,7 @@ mod tests {
             }
         }
         let (p1, p2) = (PackedF32::pack(&w, k, n), PackedF32::pack_transposed(&w_nk, n, k));
-        let f = |p: &PackedF32| p.data.iter().flat_map(|l| l.0).map(f32::to_bits).collect::<Vec<_>>();
+        let f = |p: &PackedF32| p.values().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(f(&p1), f(&p2));
         // Second panel, k = 2, column 65 → W[2][65]; the padding is zero.
         assert_eq!(f(&p1)[k * NR + 2 * NR + 1], w[2 * n + 65].to_bits());

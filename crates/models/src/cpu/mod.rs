@@ -17,7 +17,7 @@ pub mod gemm;
 pub mod math;
 
 pub use encoder::{EncoderLayer, LayerWeights, Precision, Stack};
-pub use gemm::{Epilogue, PackedF32, PackedWeight};
+pub use gemm::{gemm, Elem, Epilogue, Packed, PackedF32, PackedWeight};
 pub use math::Act;
 
 /// An instruction-set level for the CPU kernels, lowest first.
@@ -66,7 +66,7 @@ impl Isa {
             if f {
                 return Isa::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 return Isa::Avx2;
             }
         }
