@@ -141,6 +141,36 @@ impl Linear {
 
 }
 
+impl Linear {
+    pub(crate) fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// `c = act(a · W + bias)` or `c += a · W + bias` (`ep`) for `rows` rows of f32 on the
+    /// CPU: a packed weight runs the kernel with the epilogue fused; any other (quantized)
+    /// goes through [`Module::forward`] and the epilogue is applied after.
+    pub(crate) fn forward_f32(&self, isa: Isa, a: &[f32], rows: usize, c: &mut [f32], ep: Epilogue) -> Result<()> {
+        if let Weight::Packed(p) = &self.weight {
+            let (w, bias) = &**p;
+            crate::cpu::gemm(isa, a, rows, w, bias.as_deref(), c, ep);
+            return Ok(());
+        }
+        let k = a.len() / rows.max(1);
+        let x = Tensor::from_slice(a, (rows, k), &candle_core::Device::Cpu)?;
+        let y: Vec<f32> = self.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if y.len() != c.len() {
+            candle_core::bail!("Linear::forward_f32: {} outputs for a buffer of {}", y.len(), c.len());
+        }
+        if ep.accumulate {
+            c.iter_mut().zip(&y).for_each(|(c, y)| *c += y);
+        } else {
+            c.copy_from_slice(&y);
+            crate::cpu::math::activate(isa, ep.act, c);
+        }
+        Ok(())
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
@@ -184,6 +214,11 @@ impl LayerNorm {
             bias: vb.get(dim, "bias")?.to_dtype(DType::F32)?,
             eps: eps as f32,
         })
+    }
+
+    /// `(weight, bias, eps)` as f32 values, for the CPU kernels.
+    pub(crate) fn to_f32(&self) -> Result<(Vec<f32>, Vec<f32>, f32)> {
+        Ok((self.weight.to_vec1()?, self.bias.to_vec1()?, self.eps))
     }
 
     /// Without learnable parameters (`elementwise_affine=False`).

@@ -14,6 +14,7 @@ pub mod config;
 pub mod generation;
 pub mod model;
 pub mod opt;
+mod opt_native;
 pub mod precision;
 pub mod qformer;
 pub mod vision;
@@ -168,6 +169,13 @@ impl Blip2 {
 
     pub fn model(&self) -> &Blip2ForConditionalGeneration {
         &self.model
+    }
+
+    /// On a CPU, runs the language model through candle's ops (the GPU path) instead of
+    /// magpie's CPU layers, or back: for comparing the two.
+    #[doc(hidden)]
+    pub fn set_native_language_model(&mut self, on: bool) {
+        self.model.language_model.set_native(on);
     }
 
     pub fn processor(&self) -> &ProcessorConfig {

@@ -4,18 +4,30 @@
 //! `OPTDecoderLayer`, `OPTDecoder`), with a key/value cache for generation.
 
 use super::config::OptConfig;
+use super::opt_native::{LayerRef, NativeKv};
 use crate::clip::config::Activation;
 use crate::nn::{attention, LayerNorm, Linear};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Keys and values of every layer for the positions seen so far, each (batch, heads,
-/// positions, head_dim), plus the attention mask over those positions.
+/// Keys and values of every layer for the positions seen so far, plus the attention mask
+/// over those positions.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
     mask: Vec<Vec<u8>>,
+}
+
+/// One layer's keys and values.
+#[derive(Debug, Clone, Default)]
+enum LayerKv {
+    #[default]
+    Empty,
+    /// Candle's layers: (batch, heads, positions, head_dim) each.
+    Tensors(Tensor, Tensor),
+    /// The CPU layers' buffers.
+    Native(NativeKv),
 }
 
 impl KvCache {
@@ -40,15 +52,19 @@ impl KvCache {
     /// Keeps rows `idx` in that order (repeats allowed): beam search's `reorder_cache`, and
     /// the expansion of one prompt to several beams.
     pub fn reorder(&mut self, idx: &[usize]) -> Result<()> {
-        if self.layers.iter().all(Option::is_none) {
-            self.mask = idx.iter().map(|&i| self.mask[i].clone()).collect();
-            return Ok(());
+        if let Some(&bad) = idx.iter().find(|&&i| i >= self.mask.len()) {
+            candle_core::bail!("cache row {bad} out of {}", self.mask.len());
         }
-        let device = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
-        let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &device)?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&ids, 0)?;
-            *v = v.index_select(&ids, 0)?;
+        for layer in self.layers.iter_mut() {
+            match layer {
+                LayerKv::Empty => {}
+                LayerKv::Tensors(k, v) => {
+                    let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), k.device())?;
+                    *k = k.index_select(&ids, 0)?;
+                    *v = v.index_select(&ids, 0)?;
+                }
+                LayerKv::Native(kv) => kv.reorder(idx)?,
+            }
         }
         self.mask = idx.iter().map(|&i| self.mask[i].clone()).collect();
         Ok(())
@@ -136,6 +152,9 @@ impl Attention {
     }
 }
 
+/// A LayerNorm's weight, bias and epsilon as f32 values.
+type NormF32 = (Vec<f32>, Vec<f32>, f32);
+
 /// `OPTDecoderLayer`: attention and a ReLU feed-forward, each with a residual, the
 /// LayerNorms before (`do_layer_norm_before`, all BLIP-2 OPTs) or after them.
 #[derive(Debug, Clone)]
@@ -147,19 +166,48 @@ struct DecoderLayer {
     final_layer_norm: LayerNorm,
     act: Activation,
     do_layer_norm_before: bool,
+    /// The LayerNorms as f32 values for the CPU path (on a CPU only).
+    ln_f32: Option<Box<[NormF32; 2]>>,
+    heads: usize,
 }
 
 impl DecoderLayer {
     fn new(c: &OptConfig, vb: VarBuilder, quant: Option<GgmlDType>) -> Result<Self> {
         let h = c.hidden_size;
+        let self_attn_layer_norm = layer_norm(c, vb.pp("self_attn_layer_norm"))?;
+        let final_layer_norm = layer_norm(c, vb.pp("final_layer_norm"))?;
+        let ln_f32 = if vb.device().is_cpu() {
+            Some(Box::new([self_attn_layer_norm.to_f32()?, final_layer_norm.to_f32()?]))
+        } else {
+            None
+        };
         Ok(Self {
             self_attn: Attention::new(c, vb.pp("self_attn"), quant)?,
-            self_attn_layer_norm: layer_norm(c, vb.pp("self_attn_layer_norm"))?,
+            self_attn_layer_norm,
             fc1: maybe_quantize(Linear::new(h, c.ffn_dim, c.enable_bias, vb.pp("fc1"))?, quant)?,
             fc2: maybe_quantize(Linear::new(c.ffn_dim, h, c.enable_bias, vb.pp("fc2"))?, quant)?,
-            final_layer_norm: layer_norm(c, vb.pp("final_layer_norm"))?,
+            final_layer_norm,
             act: c.activation_function,
             do_layer_norm_before: c.do_layer_norm_before,
+            ln_f32,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// The layer's parts for the CPU path (None off the CPU).
+    fn native(&self) -> Option<LayerRef<'_>> {
+        let ln = self.ln_f32.as_ref()?;
+        Some(LayerRef {
+            qkv: &self.self_attn.qkv,
+            out_proj: &self.self_attn.out_proj,
+            fc1: &self.fc1,
+            fc2: &self.fc2,
+            ln1: &ln[0],
+            ln2: &ln[1],
+            act: self.act.into(),
+            pre_norm: self.do_layer_norm_before,
+            heads: self.heads,
+            scaling: self.self_attn.scaling as f32,
         })
     }
 
@@ -184,7 +232,8 @@ impl DecoderLayer {
 /// memory's rate, candle's matmul at about half of it).
 fn maybe_quantize(l: Linear, quant: Option<GgmlDType>) -> Result<Linear> {
     match quant {
-        Some(q) => l.quantized(q),
+        // (Layers too narrow for the format's blocks stay dense: packed then.)
+        Some(q) => l.quantized(q)?.packed_for_cpu(),
         None => l.packed_for_cpu(),
     }
 }
@@ -216,6 +265,9 @@ pub struct OptForCausalLM {
     head: Option<Linear>,
     quantized: bool,
     vocab_size: usize,
+    /// Whether the layers run on the CPU path ([`super::opt_native`]): on a CPU, unless
+    /// turned off (to compare the two).
+    native: bool,
 }
 
 impl OptForCausalLM {
@@ -278,6 +330,7 @@ impl OptForCausalLM {
             lm_head,
             head,
             quantized: quant.is_some(),
+            native: vb.device().is_cpu(),
             vocab_size: c.vocab_size,
         })
     }
@@ -318,7 +371,7 @@ impl OptForCausalLM {
         if cache.batch() != 0 && cache.batch() != b {
             candle_core::bail!("cache holds {} rows, the input {b}", cache.batch());
         }
-        cache.layers.resize(self.layers.len(), None);
+        cache.layers.resize(self.layers.len(), LayerKv::Empty);
         let pos_embeds = self.embed_positions.forward(mask, past)?;
         let xs = match &self.project_in {
             Some(p) => p.forward(inputs_embeds)?,
@@ -326,9 +379,30 @@ impl OptForCausalLM {
         };
         let pos_embeds = pos_embeds.to_dtype(xs.dtype())?;
         let mut xs = (xs + pos_embeds)?;
-        let attn_mask = causal_mask(mask, past, s, xs.device())?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, attn_mask.as_ref(), kv)?;
+        if self.native {
+            let isa = crate::cpu::Isa::detect();
+            let dtype = xs.dtype();
+            let mut x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                let Some(native) = layer.native() else { candle_core::bail!("OPT's CPU path needs the model on the CPU") };
+                if let LayerKv::Empty = kv {
+                    *kv = LayerKv::Native(NativeKv::default());
+                }
+                let LayerKv::Native(kv) = kv else { candle_core::bail!("this cache was filled by the other OPT path") };
+                native.forward(isa, &mut x, b, s, mask, kv)?;
+            }
+            xs = Tensor::from_vec(x, xs.dims(), xs.device())?.to_dtype(dtype)?;
+        } else {
+            let attn_mask = causal_mask(mask, past, s, xs.device())?;
+            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                let mut tensors = match std::mem::take(kv) {
+                    LayerKv::Tensors(k, v) => Some((k, v)),
+                    LayerKv::Empty => None,
+                    LayerKv::Native(_) => candle_core::bail!("this cache was filled by the other OPT path"),
+                };
+                xs = layer.forward(&xs, attn_mask.as_ref(), &mut tensors)?;
+                *kv = tensors.map_or(LayerKv::Empty, |(k, v)| LayerKv::Tensors(k, v));
+            }
         }
         cache.mask = mask.to_vec();
         if last_only {
@@ -341,6 +415,13 @@ impl OptForCausalLM {
             xs = p.forward(&xs)?;
         }
         self.lm_head(&xs)
+    }
+
+    /// Runs the layers through candle's ops instead of the CPU path (for comparisons; a
+    /// cache must be filled by one path only).
+    #[doc(hidden)]
+    pub fn set_native(&mut self, on: bool) {
+        self.native = on && self.embed_tokens.device().is_cpu();
     }
 
     /// Whether the decoder's linear layers are quantized.
