@@ -8,9 +8,10 @@ use candle_nn::VarBuilder;
 use crate::cpu::{Epilogue, Isa, Packed, PackedWeight};
 
 /// A tensor `name` under `vb`, of `shape`, as f32 values in storage order (weights read
-/// for the CPU kernels).
+/// for the CPU kernels): read in `vb`'s dtype (so an f16 model's values are those
+/// rounded to f16, as the reference casts them), then widened exactly.
 pub(crate) fn read_f32(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Vec<f32>> {
-    vb.get(shape, name)?.flatten_all()?.to_vec1()
+    vb.get(shape, name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
 /// A LayerNorm's `(weight, bias)` of `dim` values under `vb`.
@@ -56,6 +57,32 @@ impl Drop for Bf16Scope {
     fn drop(&mut self) {
         BF16_LINEARS.with(|c| c.set(self.0));
     }
+}
+
+thread_local! {
+    /// Set while a model loads for candle's ops only (the GPU path) on a CPU.
+    static CANDLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, models built on this thread use candle's ops everywhere, as on a GPU,
+/// instead of magpie's CPU kernels: for checking the GPU path's arithmetic on a CPU.
+pub(crate) struct CandleOnlyScope(bool);
+
+impl CandleOnlyScope {
+    pub(crate) fn enter(enabled: bool) -> Self {
+        Self(CANDLE_ONLY.with(|c| c.replace(enabled)))
+    }
+}
+
+impl Drop for CandleOnlyScope {
+    fn drop(&mut self) {
+        CANDLE_ONLY.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether magpie's CPU kernels may be used for a model built now on `device`.
+pub(crate) fn cpu_kernels(device: &candle_core::Device) -> bool {
+    device.is_cpu() && !CANDLE_ONLY.with(|c| c.get())
 }
 
 /// Whether a [`Bf16Scope`] asks for BF16 kernels on this thread.
@@ -110,7 +137,7 @@ impl Linear {
     /// layer then takes and returns any float dtype, computing in f32.
     pub(crate) fn packed_for_cpu(self) -> Result<Self> {
         let Weight::Dense(wt) = &self.weight else { return Ok(self) };
-        if !wt.device().is_cpu() {
+        if !cpu_kernels(wt.device()) {
             return Ok(self);
         }
         let (k, n) = wt.dims2()?;

@@ -321,10 +321,11 @@ fn half_precision_stays_close() {
     // stored values; bf16 rounds them further. The fixtures' attention is deliberately
     // sharp, which amplifies rounding: transformers itself, run in float16 / bfloat16 on
     // the CPU, is 0.105 / 0.33 away from its float32 logits on tiny-a's case 1 (magpie's
-    // CPU layers, all f32 arithmetic on the rounded weights: 0.003 / 0.07; candle's
-    // path, half-precision activations: 0.005 on f16).
-    // Both language-model paths: magpie's CPU layers (f32 arithmetic on the rounded
-    // weights) and candle's (half-precision activations, the GPU path).
+    // CPU kernels, f32 arithmetic on the rounded weights: 0.002 / 0.07; candle's path,
+    // half-precision activations: 0.004 on f16).
+    // Both paths: magpie's CPU kernels (f32 arithmetic on the rounded weights, or BF16
+    // dot products) and candle's ops everywhere (half-precision activations: the GPU
+    // path).
     for (name, dtype, tol, native) in [
         ("tiny-a", DType::F16, 0.02, true),
         ("tiny-b", DType::BF16, 0.35, true),
@@ -332,8 +333,12 @@ fn half_precision_stays_close() {
         ("tiny-a", DType::F16, 0.02, false),
         ("tiny-b", DType::BF16, 0.35, false),
     ] {
-        let mut blip = Blip2::from_dir(&model_dir(name), magpie_core::Device::Cpu, dtype).unwrap();
-        blip.set_native_language_model(native);
+        let precision = if dtype == DType::F16 { Precision::F16 } else { Precision::BF16 };
+        let blip = if native {
+            Blip2::from_dir(&model_dir(name), magpie_core::Device::Cpu, dtype).unwrap()
+        } else {
+            Blip2::from_dir_candle_only(&model_dir(name), magpie_core::Device::Cpu, precision).unwrap()
+        };
         let f = load(name);
         assert_eq!(blip.dtype(), dtype);
         let case = &cases(&f)[1];
@@ -617,15 +622,15 @@ fn overlong_prompts_keep_their_end() {
     assert_eq!(pieces, 5, "all max_new_tokens were generated");
 }
 
-/// magpie's CPU layers for the language model (the default on a CPU) and candle's (the
-/// GPU path, run here on the CPU) agree: logits at every cached step, greedy and beam
-/// tokens, and batched captions with padded rows.
+/// magpie's CPU kernels (the default on a CPU) and candle's ops everywhere (the GPU path,
+/// run here on the CPU) agree: the language model's logits at every cached step, greedy
+/// and beam tokens, and batched captions with padded rows.
 #[test]
 fn cpu_and_candle_language_paths_agree() {
     for name in MODELS {
         let native = load(name);
         let mut candle = load(name);
-        candle.blip.set_native_language_model(false);
+        candle.blip = Blip2::from_dir_candle_only(&model_dir(name), magpie_core::Device::Cpu, Precision::F32).unwrap();
         for (c, case) in cases(&native).iter().enumerate() {
             let photo = case["photo"].as_u64().unwrap() as usize;
             let input_ids = ids(&case["input_ids"]);

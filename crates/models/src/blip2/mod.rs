@@ -103,6 +103,14 @@ impl Blip2 {
         Self::from_dir_with(dir, device, precision)
     }
 
+    /// [`from_dir_with`](Self::from_dir_with) with candle's ops everywhere, as on a GPU,
+    /// even on a CPU: for checking the GPU path's arithmetic where there is no GPU.
+    #[doc(hidden)]
+    pub fn from_dir_candle_only(dir: &ModelDir, device: magpie_core::Device, precision: Precision) -> Result<Self> {
+        let _scope = crate::nn::CandleOnlyScope::enter(true);
+        Self::from_dir_with(dir, device, precision)
+    }
+
     /// Loads a checkpoint directory in `precision` (see [`Precision`]).
     pub fn from_dir_with(dir: &ModelDir, device: magpie_core::Device, precision: Precision) -> Result<Self> {
         let device = crate::select_device(device)?;
@@ -171,12 +179,6 @@ impl Blip2 {
         &self.model
     }
 
-    /// On a CPU, runs the language model through candle's ops (the GPU path) instead of
-    /// magpie's CPU layers, or back: for comparing the two.
-    #[doc(hidden)]
-    pub fn set_native_language_model(&mut self, on: bool) {
-        self.model.language_model.set_native(on);
-    }
 
     pub fn processor(&self) -> &ProcessorConfig {
         &self.processor

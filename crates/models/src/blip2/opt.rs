@@ -176,7 +176,7 @@ impl DecoderLayer {
         let h = c.hidden_size;
         let self_attn_layer_norm = layer_norm(c, vb.pp("self_attn_layer_norm"))?;
         let final_layer_norm = layer_norm(c, vb.pp("final_layer_norm"))?;
-        let ln_f32 = if vb.device().is_cpu() {
+        let ln_f32 = if crate::nn::cpu_kernels(vb.device()) {
             Some(Box::new([self_attn_layer_norm.to_f32()?, final_layer_norm.to_f32()?]))
         } else {
             None
@@ -266,7 +266,7 @@ pub struct OptForCausalLM {
     quantized: bool,
     vocab_size: usize,
     /// Whether the layers run on the CPU path ([`super::opt_native`]): on a CPU, unless
-    /// turned off (to compare the two).
+    /// loaded for candle's ops only.
     native: bool,
 }
 
@@ -313,7 +313,7 @@ impl OptForCausalLM {
         };
         let head = match quantized_head {
             Some(q) => Some(q),
-            None if embed_tokens.device().is_cpu() => {
+            None if crate::nn::cpu_kernels(embed_tokens.device()) => {
                 Some(Linear::from_weight(lm_head.as_ref().unwrap_or(&embed_tokens), None)?.packed_for_cpu()?)
             }
             None => None,
@@ -330,7 +330,7 @@ impl OptForCausalLM {
             lm_head,
             head,
             quantized: quant.is_some(),
-            native: vb.device().is_cpu(),
+            native: crate::nn::cpu_kernels(vb.device()),
             vocab_size: c.vocab_size,
         })
     }
@@ -415,13 +415,6 @@ impl OptForCausalLM {
             xs = p.forward(&xs)?;
         }
         self.lm_head(&xs)
-    }
-
-    /// Runs the layers through candle's ops instead of the CPU path (for comparisons; a
-    /// cache must be filled by one path only).
-    #[doc(hidden)]
-    pub fn set_native(&mut self, on: bool) {
-        self.native = on && self.embed_tokens.device().is_cpu();
     }
 
     /// Whether the decoder's linear layers are quantized.

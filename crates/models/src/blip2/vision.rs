@@ -208,8 +208,21 @@ pub struct VisionModel {
 impl VisionModel {
     pub fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let lv = vb.pp("encoder").pp("layers");
-        let layers = if vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32 {
-            let precision = if bf16_enabled() { crate::cpu::Precision::Bf16WithQkv } else { crate::cpu::Precision::F32 };
+        use crate::cpu::Precision as P;
+        use candle_core::DType;
+        // On a CPU the layers run on magpie's kernels in every precision: f32 (or BF16 for
+        // the quantized modes), an f16 checkpoint's weights kept in f16 with f32 arithmetic,
+        // bf16 on the BF16 dot-product kernel (transformers' bf16 arithmetic; f32 on CPUs
+        // without it).
+        let cpu_precision = match vb.dtype() {
+            _ if !crate::nn::cpu_kernels(vb.device()) => None,
+            DType::F32 if bf16_enabled() => Some(P::Bf16WithQkv),
+            DType::F32 => Some(P::F32),
+            DType::F16 => Some(P::F16Weights),
+            DType::BF16 => Some(P::Bf16WithQkv),
+            _ => None,
+        };
+        let layers = if let Some(precision) = cpu_precision {
             let isa = crate::cpu::Isa::detect();
             Layers::Cpu(crate::cpu::Stack::new(
                 (0..c.num_hidden_layers)

@@ -53,6 +53,9 @@ use profile::time;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     F32,
+    /// f32 arithmetic on weights stored in f16 (widened exactly as the kernel loads them):
+    /// an f16 checkpoint's own values in half the memory of `F32`.
+    F16Weights,
     /// The attention output projection and the MLP on BF16 dot products: activations and
     /// weights rounded to bf16, products accumulated in f32 (AVX-512 BF16; f32 on CPUs
     /// without it). The QKV projection, LayerNorm, softmax, attention and the residual
@@ -92,9 +95,15 @@ struct Dense {
 }
 
 impl Dense {
-    fn new(w: &[f32], b: &[f32], n: usize, k: usize, bf16: bool) -> Self {
+    /// From PyTorch's out × in `w`: for the BF16 kernel, or in f16, or f32.
+    fn new(w: &[f32], b: &[f32], n: usize, k: usize, bf16: bool, f16: bool) -> Self {
         assert_eq!(b.len(), n, "bias of {} values for {n} outputs", b.len());
-        Dense { w: PackedWeight::from_torch(w, n, k, bf16), b: b.to_vec() }
+        let w = if f16 && !bf16 {
+            PackedWeight::F16(crate::cpu::Packed::pack_transposed(w, n, k))
+        } else {
+            PackedWeight::from_torch(w, n, k, bf16)
+        };
+        Dense { w, b: b.to_vec() }
     }
 
     fn forward(&self, isa: Isa, x: &[f32], m: usize, y: &mut [f32], ep: Epilogue) {
@@ -146,7 +155,8 @@ impl EncoderLayer {
         let (h, i) = (w.hidden, w.intermediate);
         assert!(w.heads > 0 && h % w.heads == 0, "hidden size {h} is not a multiple of {} heads", w.heads);
         let isa = isa.supported();
-        let bf16 = precision != Precision::F32 && isa >= Isa::Avx512Bf16;
+        let bf16 = matches!(precision, Precision::Bf16 | Precision::Bf16WithQkv) && isa >= Isa::Avx512Bf16;
+        let f16 = precision == Precision::F16Weights;
         let check = |name: &str, v: &[f32], len: usize| assert_eq!(v.len(), len, "{name}: {} values, expected {len}", v.len());
         check("qkv weight", &w.qkv_w, 3 * h * h);
         check("out_proj weight", &w.out_w, h * h);
@@ -167,11 +177,11 @@ impl EncoderLayer {
             // Q·Kᵀ goes through a softmax that sharpens any error in Q or K: with the QKV
             // projection in bf16 too, the tiny parity fixture's image embeddings reached
             // only cosine 0.9977 against f32; with it in f32 (`Precision::Bf16`), 0.99994.
-            qkv: Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, bf16 && precision == Precision::Bf16WithQkv),
-            out: Dense::new(&w.out_w, &w.out_b, h, h, bf16),
+            qkv: Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, bf16 && precision == Precision::Bf16WithQkv, f16),
+            out: Dense::new(&w.out_w, &w.out_b, h, h, bf16, f16),
             ln2: w.ln2.clone(),
-            fc1: Dense::new(&w.fc1_w, &w.fc1_b, i, h, bf16),
-            fc2: Dense::new(&w.fc2_w, &w.fc2_b, h, i, bf16),
+            fc1: Dense::new(&w.fc1_w, &w.fc1_b, i, h, bf16, f16),
+            fc2: Dense::new(&w.fc2_w, &w.fc2_b, h, i, bf16, f16),
         }
     }
 
@@ -268,17 +278,19 @@ impl Stack {
         self.layers.first().is_some_and(EncoderLayer::is_bf16)
     }
 
-    /// All layers on `xs` (batch, seq, hidden), f32 on the CPU; `mask` (seq, seq) additive.
+    /// All layers on `xs` (batch, seq, hidden) on the CPU, computed in f32 and returned in
+    /// `xs`'s dtype; `mask` (seq, seq) additive.
     pub fn forward(&self, xs: &candle_core::Tensor, mask: Option<&candle_core::Tensor>) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::DType;
         let (b, s, h) = xs.dims3()?;
-        let mut x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
-        let mask: Option<Vec<f32>> = mask.map(|m| m.flatten_all()?.to_vec1()).transpose()?;
+        let mut x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mask: Option<Vec<f32>> = mask.map(|m| m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()).transpose()?;
         let mut buf = self.scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
         for l in &self.layers {
             l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
         }
         self.scratch.lock().expect("scratch pool poisoned").push(buf);
-        candle_core::Tensor::from_vec(x, (b, s, h), xs.device())
+        candle_core::Tensor::from_vec(x, (b, s, h), xs.device())?.to_dtype(xs.dtype())
     }
 
     /// Floating-point operations per stage (as [`profile::STAGES`]) of one forward.
