@@ -10,7 +10,8 @@
 //! layer to ViT-g's 39 and OPT-2.7b's 32. Every (side, checkpoint, precision) runs in its
 //! own process, so that its peak memory is its own.
 //!
-//! Environment: `MAGPIE_BENCH_PYTHON` (a Python with torch and transformers; default
+//! Environment: `MAGPIE_BENCH_REPEATS` (runs per measurement, median taken; default 3),
+//! `MAGPIE_BENCH_PYTHON` (a Python with torch and transformers; default
 //! `python3`; `none` skips the peer), `RAYON_NUM_THREADS` (threads for both sides,
 //! default all cores), `MAGPIE_BENCH_PRECISIONS` (magpie's, default
 //! `f32,f16,q8_0,q4_k`), `MAGPIE_BENCH_PEER_DTYPES` (transformers', default
@@ -142,6 +143,22 @@ fn extrapolate(shallow: &Value, deep: &Value) -> Value {
     })
 }
 
+/// Each numeric field's median over the runs (the other fields from the first run).
+fn median(runs: &[Value]) -> Value {
+    let mut out = runs[0].clone();
+    if let Value::Object(map) = &mut out {
+        for (k, v) in map.iter_mut() {
+            let mut xs: Vec<f64> = runs.iter().filter_map(|r| r[k].as_f64()).collect();
+            if xs.len() == runs.len() && v.is_number() {
+                xs.sort_by(f64::total_cmp);
+                let m = if xs.len() % 2 == 1 { xs[xs.len() / 2] } else { (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0 };
+                *v = json!(m);
+            }
+        }
+    }
+    out
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("MAGPIE_BENCH_BLIP2_CHILD") {
         let (dir, precision) = spec.split_once('|').expect("dir|precision");
@@ -158,30 +175,40 @@ fn main() {
     let ours: Vec<Precision> = list("MAGPIE_BENCH_PRECISIONS", "f32,f16,q8_0,q4_k").iter().map(|p| p.parse().unwrap()).collect();
     let peer_dtypes = if python() == "none" { vec![] } else { list("MAGPIE_BENCH_PEER_DTYPES", "f32,f16,bf16") };
     let exe = std::env::current_exe().unwrap();
-    // (side, dtype) -> layers -> figures
-    let mut runs: BTreeMap<(String, String), BTreeMap<usize, Value>> = BTreeMap::new();
-    for layers in [SHALLOW, DEEP] {
-        let dir = model_dir(layers);
-        for p in &ours {
-            let what = format!("magpie {p} L{layers}");
-            eprintln!("{what}…");
-            let mut cmd = Command::new(&exe);
-            cmd.env("MAGPIE_BENCH_BLIP2_CHILD", format!("{}|{p}", dir.display())).env("RAYON_NUM_THREADS", threads.to_string());
-            if let Some(v) = run_child(&mut cmd, &what) {
-                runs.entry(("magpie".into(), p.name().into())).or_default().insert(layers, v);
+    // Each child runs `MAGPIE_BENCH_REPEATS` times (default 3), in rounds that alternate
+    // the sides, and every figure is the median of its runs: a token step is bound by
+    // memory bandwidth, which on a shared machine drifts between runs by ±20%, and the
+    // extrapolation to 32 layers multiplies the difference of two runs.
+    let repeats: usize = std::env::var("MAGPIE_BENCH_REPEATS").ok().and_then(|r| r.parse().ok()).unwrap_or(3).max(1);
+    // (side, dtype) -> layers -> figures of each run
+    let mut all: BTreeMap<(String, String), BTreeMap<usize, Vec<Value>>> = BTreeMap::new();
+    for round in 0..repeats {
+        eprintln!("round {} of {repeats}", round + 1);
+        for layers in [SHALLOW, DEEP] {
+            let dir = model_dir(layers);
+            for p in &ours {
+                let what = format!("magpie {p} L{layers}");
+                eprintln!("{what}…");
+                let mut cmd = Command::new(&exe);
+                cmd.env("MAGPIE_BENCH_BLIP2_CHILD", format!("{}|{p}", dir.display())).env("RAYON_NUM_THREADS", threads.to_string());
+                if let Some(v) = run_child(&mut cmd, &what) {
+                    all.entry(("magpie".into(), p.name().into())).or_default().entry(layers).or_default().push(v);
+                }
             }
-        }
-        for d in &peer_dtypes {
-            let what = format!("transformers {d} L{layers}");
-            eprintln!("{what}…");
-            let mut cmd = Command::new(python());
-            cmd.args(["scripts/bench/peer_blip2.py", dir.to_str().unwrap(), "--dtype", d, "--threads", &threads.to_string(), "--image", PHOTO])
-                .env("OMP_NUM_THREADS", threads.to_string());
-            if let Some(v) = run_child(&mut cmd, &what) {
-                runs.entry(("transformers".into(), d.clone())).or_default().insert(layers, v);
+            for d in &peer_dtypes {
+                let what = format!("transformers {d} L{layers}");
+                eprintln!("{what}…");
+                let mut cmd = Command::new(python());
+                cmd.args(["scripts/bench/peer_blip2.py", dir.to_str().unwrap(), "--dtype", d, "--threads", &threads.to_string(), "--image", PHOTO])
+                    .env("OMP_NUM_THREADS", threads.to_string());
+                if let Some(v) = run_child(&mut cmd, &what) {
+                    all.entry(("transformers".into(), d.clone())).or_default().entry(layers).or_default().push(v);
+                }
             }
         }
     }
+    let runs: BTreeMap<(String, String), BTreeMap<usize, Value>> =
+        all.into_iter().map(|(key, by_layers)| (key, by_layers.into_iter().map(|(l, vs)| (l, median(&vs))).collect())).collect();
 
     println!("\nBLIP-2 OPT-2.7b shapes, {threads} threads; measured at {SHALLOW} and {DEEP} layers, extrapolated to {VISION_LAYERS} vision + {TEXT_LAYERS} OPT layers");
     println!(
