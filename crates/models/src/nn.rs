@@ -159,6 +159,11 @@ impl Linear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let weight = if w.dim(1)? % dtype.block_size() != 0 {
             Weight::Dense(w.t()?.to_dtype(DType::F32)?.contiguous()?)
+        } else if dtype == GgmlDType::Q8_0 && cpu_kernels(w.device()) {
+            // The same blocks on magpie's kernels, with f32 activations.
+            let (n, k) = w.dims2()?;
+            let q = crate::cpu::PackedQ8::quantize_transposed(&w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, n, k);
+            return Ok(Self { weight: Weight::Packed(std::sync::Arc::new((PackedWeight::Q8(q), bias.map(|b| b.to_vec1()).transpose()?))), bias: None, out_dim });
         } else {
             let w = w.to_dtype(DType::F32)?.contiguous()?;
             Weight::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?)
@@ -332,7 +337,17 @@ mod tests {
             let x = wave(3 * k, 0.173).reshape((3, k)).unwrap();
             let dense = Linear::from_weight(&w, None).unwrap();
             let quant = dense.clone().quantized(q).unwrap();
-            assert!(matches!(quant.weight, Weight::Quantized(_)), "{q:?}");
+            match q {
+                // On a CPU q8_0 runs on magpie's kernels: the same blocks as ggml's.
+                GgmlDType::Q8_0 => {
+                    assert!(matches!(&quant.weight, Weight::Packed(p) if matches!(p.0, PackedWeight::Q8(_))), "{q:?}");
+                    let ggml = QTensor::quantize(&w, q).unwrap().dequantize(&dev).unwrap();
+                    let want = x.matmul(&ggml.t().unwrap()).unwrap();
+                    let e = rel_err(&quant.forward(&x).unwrap(), &want);
+                    assert!(e < 1e-6, "q8_0 on magpie's kernels vs ggml's blocks dequantized: {e}");
+                }
+                _ => assert!(matches!(quant.weight, Weight::Quantized(_)), "{q:?}"),
+            }
             let (yd, yq) = (dense.forward(&x).unwrap(), quant.forward(&x).unwrap());
             assert_eq!(yq.dims(), &[3, 96]);
             let xn = x.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().unsqueeze(1).unwrap();

@@ -1,6 +1,7 @@
 //! How a BLIP-2 checkpoint is held in memory and computed: one float dtype throughout, or
-//! the language model's linear layers quantized to a ggml block format (candle's
-//! `QMatMul`, the formats of llama.cpp) with the rest kept in floats.
+//! the language model's linear layers quantized to a ggml block format (the formats of
+//! llama.cpp: `q8_0` on magpie's CPU kernels with f32 activations, the others and any GPU
+//! through candle's `QMatMul`) with the rest kept in floats.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;

@@ -242,6 +242,194 @@ impl<E: Elem> Packed<E> {
     }
 }
 
+/// What the f32 micro-kernels stream: a weight's panels, K rows of [`NR`] values each,
+/// as loadable elements.
+trait Panels: Sync {
+    type E: Elem;
+    fn k(&self) -> usize;
+    fn n(&self) -> usize;
+    /// Rows `k0..k0 + kn` of panel `jp` ([`NR`] values each, contiguous), valid until the
+    /// next call on this thread.
+    ///
+    /// # Safety
+    /// `jp` is a panel of the weight, `k0 + kn ≤ K`, and `isa` is at most what the
+    /// hardware has.
+    unsafe fn block(&self, isa: Isa, jp: usize, k0: usize, kn: usize) -> *const Self::E;
+
+    /// A q8_0 weight, for the fused kernel of a few rows.
+    fn as_q8(&self) -> Option<&PackedQ8> {
+        None
+    }
+}
+
+impl<E: Elem> Panels for Packed<E> {
+    type E = E;
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    unsafe fn block(&self, _: Isa, jp: usize, k0: usize, _: usize) -> *const E {
+        self.panel_ptr(jp).add(k0 * NR)
+    }
+}
+
+/// Values per block of [`PackedQ8`] (ggml's `QK8_0`).
+pub const Q8_BLOCK: usize = 32;
+/// Up to this many rows of a task, a q8_0 weight is widened in registers (fused kernel);
+/// more rows share a block widened once into a scratch buffer.
+const Q8_FUSED_ROWS: usize = 4;
+
+/// A K × N weight in ggml's `q8_0` format: the K values of each column in blocks of 32
+/// that share one f16 scale `d = max|w| / 127`, each value `round(w / d)` in an i8 (8.5
+/// bits a weight). Packed in panels of [`NR`] columns: per panel, K rows of NR i8 (K padded
+/// with zeros to whole blocks), and per block NR scales. The kernels widen a block to f32
+/// in cache and run the f32 micro-kernels on it with f32 activations (candle's `q8_0`
+/// matmul rounds the activations to 8 bits as well).
+#[derive(Clone, Default)]
+pub struct PackedQ8 {
+    k: usize,
+    n: usize,
+    q: Vec<Line>,
+    scales: Vec<half::f16>,
+}
+
+impl std::fmt::Debug for PackedQ8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedQ8").field("k", &self.k).field("n", &self.n).finish()
+    }
+}
+
+thread_local! {
+    /// A block of a [`PackedQ8`] panel widened to f32 ([`KC`] × [`NR`]).
+    static Q8_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl PackedQ8 {
+    fn padded_k(k: usize) -> usize {
+        k.div_ceil(Q8_BLOCK) * Q8_BLOCK
+    }
+
+    /// Quantizes PyTorch's out × in weight (`w_nk`, N × K row-major) as ggml does.
+    pub fn quantize_transposed(w_nk: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w_nk.len(), n * k, "PackedQ8::quantize_transposed: w has {} values, not N·K = {n}·{k}", w_nk.len());
+        let kp = Self::padded_k(k);
+        let (blocks, panels) = (kp / Q8_BLOCK, n.div_ceil(NR));
+        let mut q = vec![Line([0; 64]); panels * kp * NR / 64];
+        let mut scales = vec![half::f16::ZERO; panels * blocks * NR];
+        // SAFETY: the lines are plain bytes; i8 has the size and alignment of u8.
+        let qb = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut i8, q.len() * 64) };
+        for j in 0..n {
+            let (jp, jj) = (j / NR, j % NR);
+            for (b, vals) in w_nk[j * k..(j + 1) * k].chunks(Q8_BLOCK).enumerate() {
+                let amax = vals.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                scales[(jp * blocks + b) * NR + jj] = half::f16::from_f32(d);
+                for (t, x) in vals.iter().enumerate() {
+                    qb[(jp * kp + b * Q8_BLOCK + t) * NR + jj] = (x * id).round() as i8;
+                }
+            }
+        }
+        PackedQ8 { k, n, q, scales }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes of memory the quantized values and scales take.
+    pub fn bytes(&self) -> usize {
+        self.q.len() * 64 + self.scales.len() * 2
+    }
+
+    /// W[k][j] as the kernels see it (the i8 times its block's scale).
+    pub fn get(&self, k: usize, j: usize) -> f32 {
+        assert!(k < self.k && j < self.n, "PackedQ8::get: ({k}, {j}) outside {}×{}", self.k, self.n);
+        let (kp, blocks) = (Self::padded_k(self.k), Self::padded_k(self.k) / Q8_BLOCK);
+        let q = self.q_bytes()[((j / NR) * kp + k) * NR + j % NR];
+        q as f32 * self.scales[((j / NR) * blocks + k / Q8_BLOCK) * NR + j % NR].to_f32()
+    }
+
+    fn q_bytes(&self) -> &[i8] {
+        // SAFETY: as in `quantize_transposed`.
+        unsafe { std::slice::from_raw_parts(self.q.as_ptr() as *const i8, self.q.len() * 64) }
+    }
+}
+
+/// `out[r][j] = q[r][j] · scale(r)[j]` for `rows` rows of [`NR`]; `scales` holds the
+/// NR scales of each block of [`Q8_BLOCK`] rows from the first (a whole block).
+#[inline(always)]
+fn widen_q8_generic(q: &[i8], scales: &[half::f16], out: &mut [f32]) {
+    let mut s = [0f32; NR];
+    for (r, (out, q)) in out.chunks_exact_mut(NR).zip(q.chunks_exact(NR)).enumerate() {
+        if r % Q8_BLOCK == 0 {
+            for (s, h) in s.iter_mut().zip(&scales[(r / Q8_BLOCK) * NR..][..NR]) {
+                *s = h.to_f32();
+            }
+        }
+        for ((o, &q), s) in out.iter_mut().zip(q).zip(&s) {
+            *o = q as f32 * s;
+        }
+    }
+}
+
+fn widen_q8(isa: Isa, q: &[i8], scales: &[half::f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn v512(q: &[i8], scales: &[half::f16], out: &mut [f32]) {
+            widen_q8_generic(q, scales, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn v256(q: &[i8], scales: &[half::f16], out: &mut [f32]) {
+            widen_q8_generic(q, scales, out)
+        }
+        match isa.f32_level() {
+            // SAFETY: f32_level() never exceeds what the hardware has; the body is safe Rust.
+            Isa::Avx512 => return unsafe { v512(q, scales, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { v256(q, scales, out) },
+            _ => {}
+        }
+    }
+    widen_q8_generic(q, scales, out)
+}
+
+impl Panels for PackedQ8 {
+    type E = f32;
+    fn as_q8(&self) -> Option<&PackedQ8> {
+        Some(self)
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    unsafe fn block(&self, isa: Isa, jp: usize, k0: usize, kn: usize) -> *const f32 {
+        debug_assert!(k0.is_multiple_of(Q8_BLOCK) && kn <= KC);
+        let (kp, blocks) = (Self::padded_k(self.k), Self::padded_k(self.k) / Q8_BLOCK);
+        let q = &self.q_bytes()[(jp * kp + k0) * NR..][..kn * NR];
+        let scales = &self.scales[(jp * blocks + k0 / Q8_BLOCK) * NR..];
+        Q8_SCRATCH.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < KC * NR {
+                buf.resize(KC * NR, 0.0);
+            }
+            widen_q8(isa, q, scales, &mut buf[..kn * NR]);
+            // The buffer lives as long as the thread and is only resized above: the
+            // pointer stays valid until the next call on this thread.
+            buf.as_ptr()
+        })
+    }
+}
+
 /// A weight in the form one of the kernels takes.
 #[derive(Debug, Clone)]
 pub enum PackedWeight {
@@ -252,6 +440,8 @@ pub enum PackedWeight {
     Bf16Widened(Packed<half::bf16>),
     /// For the BF16 dot-product kernel: the activations are rounded to bf16 too.
     Bf16(std::sync::Arc<crate::bf16_gemm::PackedB>),
+    /// ggml `q8_0` blocks, widened to f32 per block in cache.
+    Q8(PackedQ8),
 }
 
 impl PackedWeight {
@@ -270,6 +460,7 @@ impl PackedWeight {
             PackedWeight::F16(p) => p.k,
             PackedWeight::Bf16Widened(p) => p.k,
             PackedWeight::Bf16(p) => p.k(),
+            PackedWeight::Q8(p) => p.k,
         }
     }
 
@@ -279,6 +470,7 @@ impl PackedWeight {
             PackedWeight::F16(p) => p.n,
             PackedWeight::Bf16Widened(p) => p.n,
             PackedWeight::Bf16(p) => p.n(),
+            PackedWeight::Q8(p) => p.n,
         }
     }
 
@@ -320,6 +512,7 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
         PackedWeight::F32(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::F16(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::Bf16Widened(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
+        PackedWeight::Q8(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
     }
 }
 
@@ -420,18 +613,18 @@ pub(crate) fn task_grid(m: usize, mr: usize, panels: usize, nr: usize, mc: usize
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32<E: Elem>(
+fn gemm_f32<P: Panels>(
     isa: Isa,
     a: &[f32],
     lda: usize,
     m: usize,
-    b: &Packed<E>,
+    b: &P,
     bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
     ep: Epilogue,
 ) {
-    let (k, n) = (b.k, b.n);
+    let (k, n) = (b.k(), b.n());
     if m == 0 || n == 0 {
         return;
     }
@@ -472,11 +665,11 @@ fn gemm_f32<E: Elem>(
 /// panels' columns (up to N), `bias` (if any) N values, and `isa` is at most what the
 /// hardware has.
 #[allow(clippy::too_many_arguments)]
-unsafe fn task<E: Elem>(
+unsafe fn task<P: Panels>(
     isa: Isa,
     a: *const f32,
     lda: usize,
-    b: &Packed<E>,
+    b: &P,
     bias: Option<*const f32>,
     c: *mut f32,
     ldc: usize,
@@ -484,12 +677,36 @@ unsafe fn task<E: Elem>(
     (p0, p1): (usize, usize),
     ep: Epilogue,
 ) {
-    let (k, n) = (b.k, b.n);
+    let (k, n) = (b.k(), b.n());
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(q8), true) = (b.as_q8(), m1 - m0 <= Q8_FUSED_ROWS && isa >= Isa::Avx512) {
+        // A token step's few rows: widening each block in registers as it streams by
+        // reads the weight once at the memory's rate (through the scratch, a third of it).
+        let (kp, blocks) = (PackedQ8::padded_k(k), PackedQ8::padded_k(k) / Q8_BLOCK);
+        for jp in p0..p1 {
+            let j = jp * NR;
+            let (q, scales) = (q8.q_bytes().as_ptr().add(jp * kp * NR), q8.scales.as_ptr().add(jp * blocks * NR));
+            let init = Init::at(0, bias.map(|p| p.add(j)), ep.accumulate);
+            let mut i = m0;
+            while i < m1 {
+                let (ap, cp, cols) = (a.add(i * lda), c.add(i * ldc + j), NR.min(n - j));
+                if m1 - i >= 2 {
+                    x86::q8_tile512::<2>(k, ap, lda, q, scales, cp, ldc, cols, init);
+                    i += 2;
+                } else {
+                    x86::q8_tile512::<1>(k, ap, lda, q, scales, cp, ldc, cols, init);
+                    i += 1;
+                }
+            }
+        }
+        finish_act(isa, c, ldc, (m0, m1), (p0, p1), n, ep);
+        return;
+    }
     let mut k0 = 0;
     while k0 < k {
         let kn = KC.min(k - k0);
         for jp in p0..p1 {
-            let bp = b.panel_ptr(jp).add(k0 * NR);
+            let bp = b.block(isa, jp, k0, kn);
             let j = jp * NR;
             let cols = NR.min(n - j);
             let init = Init::at(k0, bias.map(|p| p.add(j)), ep.accumulate);
@@ -523,6 +740,14 @@ unsafe fn task<E: Elem>(
         }
         k0 += kn;
     }
+    finish_act(isa, c, ldc, (m0, m1), (p0, p1), n, ep);
+}
+
+/// A task's activation over its tile of C, once stored.
+///
+/// # Safety
+/// `c` as for [`task`].
+unsafe fn finish_act(isa: Isa, c: *mut f32, ldc: usize, (m0, m1): (usize, usize), (p0, p1): (usize, usize), n: usize, ep: Epilogue) {
     if ep.act != Act::None && !ep.accumulate {
         let (j0, j1) = (p0 * NR, (p1 * NR).min(n));
         for i in m0..m1 {
@@ -630,6 +855,55 @@ pub(crate) mod x86 {
                 }
             }
         }
+    }
+
+    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..k] · W for one panel of a q8_0 weight from
+    /// its first row: per block of 32 rows the i8 values are widened in registers and
+    /// their products summed, then the sum is scaled into the accumulators.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `a` R rows of `k` values `lda` apart; `q` the panel's rows
+    /// (padded to whole blocks) of [`NR`] i8, `scales` its NR scales per block; `c` R rows
+    /// `ldc` apart with `cols ≤ NR` writable values; a bias pointer `cols` readable values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn q8_tile512<const R: usize>(k: usize, a: *const f32, lda: usize, q: *const i8, scales: *const half::f16, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+        let (full, mask) = col_masks::<4>(cols);
+        let mut acc = init_tile::<R, 4>(init, c, ldc, full, &mask);
+        let mut ap = [a; R];
+        for (r, p) in ap.iter_mut().enumerate() {
+            *p = a.add(r * lda);
+        }
+        let (mut qp, mut sp) = (q, scales as *const u16);
+        let mut p = 0;
+        while p < k {
+            let rows = super::Q8_BLOCK.min(k - p);
+            let mut blk = [[_mm512_setzero_ps(); 4]; R];
+            for t in p..p + rows {
+                let mut bv = [_mm512_setzero_ps(); 4];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(v * 16) as *const __m128i)));
+                }
+                for r in 0..R {
+                    let av = _mm512_set1_ps(*ap[r].add(t));
+                    for v in 0..4 {
+                        blk[r][v] = _mm512_fmadd_ps(av, bv[v], blk[r][v]);
+                    }
+                }
+                qp = qp.add(NR);
+            }
+            for v in 0..4 {
+                let s = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(v * 16) as *const __m256i));
+                for r in 0..R {
+                    acc[r][v] = _mm512_fmadd_ps(blk[r][v], s, acc[r][v]);
+                }
+            }
+            // Past a partial last block the padding rows are skipped with it.
+            qp = qp.add((super::Q8_BLOCK - rows) * NR);
+            sp = sp.add(NR);
+            p += rows;
+        }
+        store_tile::<R, 4>(&acc, c, ldc, full, &mask);
     }
 
     /// 16 values of a packed weight, widened to f32.
@@ -874,6 +1148,46 @@ mod tests {
         assert_eq!(p.get(4, 69), w[4 * 70 + 69].to_f32());
         assert_eq!(p.get(2, 3), w[2 * 70 + 3].to_f32());
         assert_eq!(p.values()[5 * NR + 10], half::f16::ZERO, "padding of the second panel");
+    }
+
+    #[test]
+    fn q8_weights_quantize_as_ggml_and_multiply_exactly() {
+        let mut rng = Rng(77);
+        // Block of 32 values of one column: scale max|w|/127 (as f16), values round(w/d).
+        let (n, k) = (3, 64);
+        let mut w_nk = rng.vec(n * k);
+        w_nk[k..2 * k].fill(0.0); // an all-zero column: scale 0, values 0
+        w_nk[5] = 2.5; // the first block of column 0 has its max at 2.5
+        let p = PackedQ8::quantize_transposed(&w_nk, n, k);
+        let d = 2.5f32 / 127.0;
+        assert_eq!(p.get(5, 0), 127.0 * half::f16::from_f32(d).to_f32());
+        assert_eq!(p.get(7, 0), (w_nk[7] / d).round() * half::f16::from_f32(d).to_f32());
+        assert!((0..k).all(|kk| p.get(kk, 1) == 0.0));
+        for kk in 0..k {
+            let x = w_nk[2 * k + kk];
+            assert!((p.get(kk, 2) - x).abs() <= 1.0 / 127.0 * 0.5 + 1e-3, "w[{kk}][2] {x} -> {}", p.get(kk, 2));
+        }
+        // The product against the naive one on the dequantized weights, every level,
+        // shapes with partial panels and K blocks of 256 and several row tiles.
+        for isa in levels() {
+            for &(m, k, n) in &[(1, 32, 1), (1, 96, 70), (1, 40, 65), (2, 512, 130), (3, 96, 70), (4, 64, 130), (5, 40, 65), (7, 320, 64), (13, 64, 200)] {
+                let w_nk = rng.vec(n * k);
+                let p = PackedQ8::quantize_transposed(&w_nk, n, k);
+                let deq: Vec<f32> = (0..k * n).map(|i| p.get(i / n, i % n)).collect();
+                let (a, bias) = (rng.vec(m * k), rng.vec(n));
+                let pw = PackedWeight::Q8(p);
+                for ep in [Epilogue::STORE, Epilogue::act(Act::Relu), Epilogue::ACCUMULATE] {
+                    let c0 = rng.vec(m * n);
+                    let mut c = if ep.accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
+                    gemm(isa, &a, m, &pw, Some(&bias), &mut c, ep);
+                    let want = naive(&a, m, k, &deq, n, Some(&bias), ep.accumulate.then_some(&c0[..]), ep.act);
+                    for (idx, (x, y)) in c.iter().zip(&want).enumerate() {
+                        let tol = 1e-5 * (k as f64).sqrt() * (1.0 + y.abs());
+                        assert!((*x as f64 - y).abs() <= tol, "{isa} q8 M={m} K={k} N={n} {ep:?}: c[{idx}] = {x}, want {y}");
+                    }
+                }
+            }
+        }
     }
 
     /// The product on every level, with weights of element type E (the reference uses

@@ -17,7 +17,7 @@ pub mod gemm;
 pub mod math;
 
 pub use encoder::{EncoderLayer, LayerWeights, Precision, Stack};
-pub use gemm::{gemm, Elem, Epilogue, Packed, PackedF32, PackedWeight};
+pub use gemm::{gemm, Elem, Epilogue, Packed, PackedF32, PackedQ8, PackedWeight};
 pub use math::Act;
 
 /// An instruction-set level for the CPU kernels, lowest first.
