@@ -163,7 +163,8 @@ impl Linear {
             // The same blocks on magpie's kernels, with f32 activations.
             let (n, k) = w.dims2()?;
             let q = crate::cpu::PackedQ8::quantize_transposed(&w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, n, k);
-            return Ok(Self { weight: Weight::Packed(std::sync::Arc::new((PackedWeight::Q8(q), bias.map(|b| b.to_vec1()).transpose()?))), bias: None, out_dim });
+            let bias = bias.map(|b| b.to_vec1()).transpose()?;
+            return Ok(Self { weight: Weight::Packed(std::sync::Arc::new((PackedWeight::Q8(q), bias))), bias: None, out_dim });
         } else {
             let w = w.to_dtype(DType::F32)?.contiguous()?;
             Weight::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?)

@@ -56,7 +56,8 @@ impl Blip2ForConditionalGeneration {
                 c.text_config.hidden_size,
                 true,
                 vb.pp("language_projection"),
-            )?,
+            )?
+            .packed_for_cpu()?,
             language_model: OptForCausalLM::new(&c.text_config, vb.pp("language_model"), quant)?,
             image_token_index,
             num_query_tokens: c.num_query_tokens,

@@ -452,3 +452,121 @@ fn causal_mask(mask: &[Vec<u8>], past: usize, s: usize, device: &Device) -> Resu
     }
     Ok(Some(Tensor::from_vec(m, (mask.len(), 1, s, total), device)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Shape;
+    use candle_nn::var_builder::SimpleBackend;
+
+    /// Weights made up from each tensor's name (the same in every build): linear weights
+    /// of scale 1/√in, LayerNorm weights around 1, small biases.
+    struct Made;
+
+    impl SimpleBackend for Made {
+        fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+            let mut h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+            let mut next = || {
+                h ^= h << 13;
+                h ^= h >> 7;
+                h ^= h << 17;
+                (h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            };
+            let fan_in = *s.dims().last().unwrap_or(&1) as f32;
+            let norm = name.contains("layer_norm");
+            let v: Vec<f32> = (0..s.elem_count())
+                .map(|_| match (norm, name.ends_with("bias")) {
+                    (true, false) => 1.0 + 0.3 * next(),
+                    (_, true) => 0.2 * next(),
+                    _ => 2.0 * next() / fan_in.sqrt(),
+                })
+                .collect();
+            Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+            candle_core::bail!("{name}: no shape")
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            false
+        }
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// magpie's CPU layers and candle's ops give the same logits for every layout OPT
+    /// configs allow (pre- or post-LayerNorm, with or without biases and affine
+    /// LayerNorms, projections in and out, untied head, each activation), through a
+    /// left-padded prompt, cached steps and a beam reorder.
+    #[test]
+    fn cpu_layers_match_candle_in_every_layout() {
+        let variants = [
+            (true, true, true, None, Activation::Relu, true, false),
+            (false, false, false, Some(16), Activation::Gelu, false, false),
+            (true, true, true, Some(24), Activation::GeluTanh, true, true),
+            (true, false, true, None, Activation::QuickGelu, false, false),
+        ];
+        for (pre, bias, affine, proj, act, tie, remove_final) in variants {
+            let c = OptConfig {
+                vocab_size: 61,
+                hidden_size: 32,
+                num_hidden_layers: 2,
+                ffn_dim: 72,
+                max_position_embeddings: 40,
+                do_layer_norm_before: pre,
+                remove_final_layer_norm: remove_final,
+                word_embed_proj_dim: proj,
+                num_attention_heads: 4,
+                activation_function: act,
+                enable_bias: bias,
+                layer_norm_elementwise_affine: affine,
+                tie_word_embeddings: tie,
+                ..Default::default()
+            };
+            let what = format!("pre {pre} bias {bias} affine {affine} proj {proj:?} {act:?} tie {tie}");
+            let build = |candle_only: bool| {
+                let _scope = crate::nn::CandleOnlyScope::enter(candle_only);
+                OptForCausalLM::new(&c, VarBuilder::from_backend(Box::new(Made), DType::F32, Device::Cpu), None).unwrap()
+            };
+            let (native, candle) = (build(false), build(true));
+            assert!(native.native && !candle.native, "{what}");
+            let prompt = |m: &OptForCausalLM| {
+                let rows = [m.embed(&[5, 9, 13, 2, 40]).unwrap(), m.embed(&[1, 1, 7, 30, 3]).unwrap()];
+                Tensor::stack(&rows, 0).unwrap()
+            };
+            let mut mask = vec![vec![1u8; 5], vec![0, 0, 1, 1, 1]];
+            let (mut kn, mut kc) = (KvCache::new(), KvCache::new());
+            let (a, b) = (
+                native.forward(&prompt(&native), &mask, &mut kn, false).unwrap(),
+                candle.forward(&prompt(&candle), &mask, &mut kc, false).unwrap(),
+            );
+            // The padded row's first two positions see nothing: both average every value.
+            let e = max_rel(&a, &b);
+            assert!(e < 1e-4, "{what}: prompt logits differ by {e}");
+            for (step, tokens) in [[11u32, 12], [20, 21], [33, 34]].iter().enumerate() {
+                if step == 1 {
+                    for cache in [&mut kn, &mut kc] {
+                        cache.reorder(&[1, 0, 1]).unwrap();
+                    }
+                    mask = vec![mask[1].clone(), mask[0].clone(), mask[1].clone()];
+                }
+                let rows = mask.len();
+                mask.iter_mut().for_each(|m| m.push(1));
+                let ids: Vec<u32> = (0..rows).map(|r| tokens[r % 2]).collect();
+                let step_in = |m: &OptForCausalLM| m.embed(&ids).unwrap().reshape((rows, 1, ())).unwrap();
+                let (a, b) = (
+                    native.forward(&step_in(&native), &mask, &mut kn, true).unwrap(),
+                    candle.forward(&step_in(&candle), &mask, &mut kc, true).unwrap(),
+                );
+                assert_eq!(a.dims(), &[rows, 1, 61]);
+                let e = max_rel(&a, &b);
+                assert!(e < 1e-4, "{what}: step {step} logits differ by {e}");
+            }
+            assert_eq!(kn.seq_len(), 8);
+        }
+    }
+}

@@ -32,9 +32,9 @@ impl MultiHeadAttention {
         let kv_in = if is_cross_attention { c.encoder_hidden_size } else { h };
         let head_dim = h / c.num_attention_heads;
         Ok(Self {
-            query: Linear::new(h, h, true, vb.pp("query"))?,
-            key: Linear::new(kv_in, h, true, vb.pp("key"))?,
-            value: Linear::new(kv_in, h, true, vb.pp("value"))?,
+            query: Linear::new(h, h, true, vb.pp("query"))?.packed_for_cpu()?,
+            key: Linear::new(kv_in, h, true, vb.pp("key"))?.packed_for_cpu()?,
+            value: Linear::new(kv_in, h, true, vb.pp("value"))?.packed_for_cpu()?,
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -67,7 +67,7 @@ struct DenseResidualNorm {
 impl DenseResidualNorm {
     fn new(in_dim: usize, c: &QFormerConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            dense: Linear::new(in_dim, c.hidden_size, true, vb.pp("dense"))?,
+            dense: Linear::new(in_dim, c.hidden_size, true, vb.pp("dense"))?.packed_for_cpu()?,
             layer_norm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"))?,
         })
     }
@@ -108,7 +108,7 @@ struct FeedForward {
 impl FeedForward {
     fn new(c: &QFormerConfig, intermediate: VarBuilder, output: VarBuilder) -> Result<Self> {
         Ok(Self {
-            intermediate: Linear::new(c.hidden_size, c.intermediate_size, true, intermediate.pp("dense"))?,
+            intermediate: Linear::new(c.hidden_size, c.intermediate_size, true, intermediate.pp("dense"))?.packed_for_cpu()?,
             act: c.hidden_act,
             output: DenseResidualNorm::new(c.intermediate_size, c, output)?,
         })

@@ -4,13 +4,16 @@
 //! from layer to layer.
 //!
 //! The kernels are chosen at run time by what the CPU has ([`Isa::detect`]): AVX-512 BF16
-//! dot products ([`crate::bf16_gemm`]), AVX-512 F, AVX2 + FMA, or portable scalar code.
+//! dot products ([`crate::bf16_gemm`]), AVX-512 F, AVX2 + FMA + F16C, or portable scalar
+//! code.
 //! Every path can be forced (tests run each one; `MAGPIE_CPU_ISA=avx2` caps a whole
 //! process), and a path the CPU lacks is never taken: asking for one falls back to the
 //! best the CPU has below it.
 //!
-//! Used by CLIP's two towers and BLIP-2's vision encoder on the CPU ([`encoder`]); GPUs
-//! keep candle's ops.
+//! Used on the CPU by CLIP's two towers and BLIP-2's vision encoder ([`encoder`]), and by
+//! every linear layer of BLIP-2's Q-Former and OPT decoder (`blip2::opt_native`), whose
+//! weights may be f32, f16 or bf16 (widened as the kernels load them) or ggml `q8_0`
+//! blocks ([`gemm::PackedQ8`]); GPUs keep candle's ops.
 
 pub mod encoder;
 pub mod gemm;
@@ -25,7 +28,7 @@ pub use math::Act;
 pub enum Isa {
     /// Plain Rust, any CPU.
     Scalar,
-    /// x86-64 AVX2 + FMA: 8-wide f32.
+    /// x86-64 AVX2 + FMA + F16C: 8-wide f32 (F16C widens f16 weights).
     Avx2,
     /// x86-64 AVX-512 F: 16-wide f32.
     Avx512,
