@@ -31,7 +31,10 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum Weight {
+    /// `in × out`, contiguous: what candle's matmul is fastest with (GPUs).
     Dense(Tensor),
+    /// `out × in` as stored, on the CPU until it is packed (no transposed copy is made).
+    Torch(Tensor),
     Quantized(QMatMul),
     /// Packed for magpie's CPU kernels, with the bias (if any) in f32, added in the
     /// kernel's store.
@@ -97,35 +100,44 @@ impl Linear {
         Self::from_weight(&w, bias)
     }
 
-    /// From a PyTorch-layout (`out × in`) weight.
+    /// From a PyTorch-layout (`out × in`) weight: transposed for candle's matmul, or kept
+    /// as it is on the CPU, where [`packed_for_cpu`](Self::packed_for_cpu) or
+    /// [`quantized`](Self::quantized) reads it directly.
     pub(crate) fn from_weight(w: &Tensor, bias: Option<Tensor>) -> Result<Self> {
         let out_dim = w.dim(0)?;
-        Ok(Self { weight: Weight::Dense(w.t()?.contiguous()?), bias, out_dim })
+        let weight = if cpu_kernels(w.device()) { Weight::Torch(w.clone()) } else { Weight::Dense(w.t()?.contiguous()?) };
+        Ok(Self { weight, bias, out_dim })
     }
 
-    /// Several linears with the same input fused into one (outputs concatenated). All must
-    /// be dense (fuse first, quantize after).
+    /// Several linears with the same input fused into one (outputs concatenated). None may
+    /// be quantized or packed yet (fuse first, quantize or pack after).
     pub(crate) fn fused(parts: Vec<Linear>) -> Result<Self> {
-        let mut wts = Vec::with_capacity(parts.len());
-        for p in &parts {
-            match &p.weight {
-                Weight::Dense(wt) => wts.push(wt),
-                Weight::Quantized(_) | Weight::Packed(_) => candle_core::bail!("cannot fuse quantized or packed linear layers"),
-            }
-        }
-        let wt = Tensor::cat(&wts, 1)?;
         let bias = match parts.iter().map(|l| l.bias.as_ref()).collect::<Option<Vec<_>>>() {
             Some(bs) => Some(Tensor::cat(&bs, 0)?),
             None => None,
         };
-        let out_dim = wt.dim(1)?;
-        Ok(Self { weight: Weight::Dense(wt), bias, out_dim })
+        let (mut dense, mut torch) = (Vec::new(), Vec::new());
+        for p in &parts {
+            match &p.weight {
+                Weight::Dense(wt) => dense.push(wt),
+                Weight::Torch(w) => torch.push(w),
+                Weight::Quantized(_) | Weight::Packed(_) => candle_core::bail!("cannot fuse quantized or packed linear layers"),
+            }
+        }
+        let weight = match (dense.is_empty(), torch.is_empty()) {
+            (false, true) => Weight::Dense(Tensor::cat(&dense, 1)?),
+            (true, false) => Weight::Torch(Tensor::cat(&torch, 0)?),
+            _ => candle_core::bail!("cannot fuse linear layers held in different layouts"),
+        };
+        let out_dim = parts.iter().map(|p| p.out_dim).sum();
+        Ok(Self { weight, bias, out_dim })
     }
 
     /// The same layer with its weight quantized to `dtype` (see `from_weight_quantized`).
     pub(crate) fn quantized(self, dtype: GgmlDType) -> Result<Self> {
         match &self.weight {
             Weight::Dense(wt) => Self::from_weight_quantized(&wt.t()?, self.bias.clone(), dtype),
+            Weight::Torch(w) => Self::from_weight_quantized(w, self.bias.clone(), dtype),
             Weight::Quantized(_) | Weight::Packed(_) => Ok(self),
         }
     }
@@ -136,15 +148,26 @@ impl Linear {
     /// bias fused into the store. Otherwise (a GPU, a quantized weight) unchanged. The
     /// layer then takes and returns any float dtype, computing in f32.
     pub(crate) fn packed_for_cpu(self) -> Result<Self> {
-        let Weight::Dense(wt) = &self.weight else { return Ok(self) };
-        if !cpu_kernels(wt.device()) {
-            return Ok(self);
-        }
-        let (k, n) = wt.dims2()?;
-        let packed = match wt.dtype() {
-            DType::F32 => PackedWeight::F32(Packed::pack_rows(&wt.flatten_all()?.to_vec1::<f32>()?, k, n)),
-            DType::F16 => PackedWeight::F16(Packed::pack_rows(&wt.flatten_all()?.to_vec1::<half::f16>()?, k, n)),
-            DType::BF16 => PackedWeight::Bf16Widened(Packed::pack_rows(&wt.flatten_all()?.to_vec1::<half::bf16>()?, k, n)),
+        // The values are read in place from the loaded tensor (no copy).
+        let packed = match &self.weight {
+            Weight::Torch(w) if cpu_kernels(w.device()) => {
+                let (n, k) = w.dims2()?;
+                match w.dtype() {
+                    DType::F32 => PackedWeight::F32(with_cpu_slice(w, |v| Packed::pack_nk(v, n, k))?),
+                    DType::F16 => PackedWeight::F16(with_cpu_slice(w, |v| Packed::pack_nk(v, n, k))?),
+                    DType::BF16 => PackedWeight::Bf16Widened(with_cpu_slice(w, |v| Packed::pack_nk(v, n, k))?),
+                    _ => return Ok(self),
+                }
+            }
+            Weight::Dense(wt) if cpu_kernels(wt.device()) => {
+                let (k, n) = wt.dims2()?;
+                match wt.dtype() {
+                    DType::F32 => PackedWeight::F32(with_cpu_slice(wt, |v| Packed::pack_rows(v, k, n))?),
+                    DType::F16 => PackedWeight::F16(with_cpu_slice(wt, |v| Packed::pack_rows(v, k, n))?),
+                    DType::BF16 => PackedWeight::Bf16Widened(with_cpu_slice(wt, |v| Packed::pack_rows(v, k, n))?),
+                    _ => return Ok(self),
+                }
+            }
             _ => return Ok(self),
         };
         let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
@@ -158,11 +181,15 @@ impl Linear {
         let out_dim = w.dim(0)?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let weight = if w.dim(1)? % dtype.block_size() != 0 {
-            Weight::Dense(w.t()?.to_dtype(DType::F32)?.contiguous()?)
+            if cpu_kernels(w.device()) {
+                Weight::Torch(w.to_dtype(DType::F32)?)
+            } else {
+                Weight::Dense(w.t()?.to_dtype(DType::F32)?.contiguous()?)
+            }
         } else if dtype == GgmlDType::Q8_0 && cpu_kernels(w.device()) {
             // The same blocks on magpie's kernels, with f32 activations.
             let (n, k) = w.dims2()?;
-            let q = crate::cpu::PackedQ8::quantize_transposed(&w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, n, k);
+            let q = with_cpu_slice(&w.to_dtype(DType::F32)?, |v| crate::cpu::PackedQ8::quantize_transposed(v, n, k))?;
             let bias = bias.map(|b| b.to_vec1()).transpose()?;
             return Ok(Self { weight: Weight::Packed(std::sync::Arc::new((PackedWeight::Q8(q), bias))), bias: None, out_dim });
         } else {
@@ -172,6 +199,15 @@ impl Linear {
         Ok(Self { weight, bias, out_dim })
     }
 
+}
+
+/// `f` on the values of a CPU tensor, read in place when it is contiguous.
+fn with_cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("with_cpu_slice: not a CPU tensor") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("with_cpu_slice: not contiguous") };
+    Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }
 
 impl Linear {
@@ -211,6 +247,7 @@ impl Module for Linear {
         let x2 = x.reshape((rows, k))?;
         let y = match &self.weight {
             Weight::Dense(wt) => x2.matmul(wt)?,
+            Weight::Torch(w) => x2.matmul(&w.t()?)?,
             Weight::Quantized(q) => q.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?,
             Weight::Packed(p) => {
                 let (w, bias) = &**p;
@@ -367,7 +404,7 @@ mod tests {
         let x = wave(2 * 48, 0.2).reshape((2, 48)).unwrap();
         let dense = Linear::from_weight(&w, None).unwrap();
         let kept = dense.clone().quantized(GgmlDType::Q8_0).unwrap();
-        assert!(matches!(kept.weight, Weight::Dense(_)));
+        assert!(matches!(kept.weight, Weight::Dense(_) | Weight::Torch(_)));
         assert_eq!(rel_err(&kept.forward(&x).unwrap(), &dense.forward(&x).unwrap()), 0.0);
         // Quantized layers cannot be fused (fusing comes first).
         let w = wave(8 * 64, 0.9).reshape((8, 64)).unwrap();

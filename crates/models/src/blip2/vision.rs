@@ -28,7 +28,7 @@ impl VisionEmbeddings {
         let pe = vb.pp("patch_embedding");
         let w = pe.get((h, 3, p, p), "weight")?.reshape((h, 3 * p * p))?;
         Ok(Self {
-            patch_embedding: Linear::from_weight(&w, Some(pe.get(h, "bias")?))?,
+            patch_embedding: Linear::from_weight(&w, Some(pe.get(h, "bias")?))?.packed_for_cpu()?,
             class_embedding: vb.get((1, 1, h), "class_embedding")?,
             position_embedding: vb.get((1, c.num_positions(), h), "position_embedding")?,
             patch_size: p,

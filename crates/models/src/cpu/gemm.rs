@@ -124,11 +124,36 @@ impl<E: Elem> Packed<E> {
         p
     }
 
-    /// From `w_nk`, N × K row-major: PyTorch's `Linear.weight` (out × in) as stored.
+    /// From `w_nk`, N × K row-major: PyTorch's `Linear.weight` (out × in) as stored,
+    /// rounded to the element type; the panels are filled on the thread pool.
     pub fn pack_transposed(w_nk: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w_nk.len(), k * n, "Packed::pack_transposed: w has {} values, not N·K = {n}·{k}", w_nk.len());
+        let rounded: Vec<E> = w_nk.par_iter().map(|&x| E::from_f32(x)).collect();
+        Self::pack_nk(&rounded, n, k)
+    }
+
+    /// From `w_nk`, N × K row-major (PyTorch's out × in), already in this element type
+    /// (copied, not rounded); the panels are filled on the thread pool.
+    pub fn pack_nk(w_nk: &[E], n: usize, k: usize) -> Self {
+        assert_eq!(w_nk.len(), k * n, "Packed::pack_nk: w has {} values, not N·K = {n}·{k}", w_nk.len());
         let mut p = Self::default();
-        p.repack(k, n, |kk, j| w_nk[j * k + kk]);
+        let all = p.reshape(k, n);
+        if k == 0 {
+            return p;
+        }
+        all.par_chunks_mut(k * NR).enumerate().for_each(|(jp, panel)| {
+            let cols = NR.min(n - jp * NR);
+            // 16 rows of K at a time, written 16 values to a panel row.
+            for j0 in (0..cols).step_by(16) {
+                let rows: Vec<&[E]> = (j0..(j0 + 16).min(cols)).map(|jj| &w_nk[(jp * NR + jj) * k..][..k]).collect();
+                for kk in 0..k {
+                    let out = &mut panel[kk * NR + j0..][..rows.len()];
+                    for (o, r) in out.iter_mut().zip(&rows) {
+                        *o = r[kk];
+                    }
+                }
+            }
+        });
         p
     }
 
@@ -1146,6 +1171,14 @@ mod tests {
         assert_eq!(p.get(4, 69), w[4 * 70 + 69].to_f32());
         assert_eq!(p.get(2, 3), w[2 * 70 + 3].to_f32());
         assert_eq!(p.values()[5 * NR + 10], half::f16::ZERO, "padding of the second panel");
+        // From PyTorch's out × in layout: the same panels.
+        let mut w_nk = vec![half::f16::ZERO; 70 * 5];
+        for kk in 0..5 {
+            for j in 0..70 {
+                w_nk[j * 5 + kk] = w[kk * 70 + j];
+            }
+        }
+        assert_eq!(Packed::pack_nk(&w_nk, 70, 5).values(), p.values());
     }
 
     #[test]
