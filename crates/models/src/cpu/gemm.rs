@@ -340,19 +340,25 @@ impl PackedQ8 {
         let (blocks, panels) = (kp / Q8_BLOCK, n.div_ceil(NR));
         let mut q = vec![Line([0; 64]); panels * kp * NR / 64];
         let mut scales = vec![half::f16::ZERO; panels * blocks * NR];
-        // SAFETY: the lines are plain bytes; i8 has the size and alignment of u8.
-        let qb = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut i8, q.len() * 64) };
-        for j in 0..n {
-            let (jp, jj) = (j / NR, j % NR);
-            for (b, vals) in w_nk[j * k..(j + 1) * k].chunks(Q8_BLOCK).enumerate() {
-                let amax = vals.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                scales[(jp * blocks + b) * NR + jj] = half::f16::from_f32(d);
-                for (t, x) in vals.iter().enumerate() {
-                    qb[(jp * kp + b * Q8_BLOCK + t) * NR + jj] = (x * id).round() as i8;
+        if kp > 0 {
+            // Panel by panel on the thread pool (each writes its own values and scales).
+            q.par_chunks_mut(kp * NR / 64).zip(scales.par_chunks_mut(blocks * NR)).enumerate().for_each(|(jp, (lines, scales))| {
+                // SAFETY: the lines are plain bytes; i8 has the size and alignment of u8.
+                let qb = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut i8, lines.len() * 64) };
+                for jj in 0..NR.min(n - jp * NR) {
+                    let j = jp * NR + jj;
+                    for (b, vals) in w_nk[j * k..(j + 1) * k].chunks(Q8_BLOCK).enumerate() {
+                        let amax = vals.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        let d = amax / 127.0;
+                        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                        scales[b * NR + jj] = half::f16::from_f32(d);
+                        for (t, x) in vals.iter().enumerate() {
+                            // (`round`: half away from zero, as ggml's `roundf`.)
+                            qb[(b * Q8_BLOCK + t) * NR + jj] = (x * id).round() as i8;
+                        }
+                    }
                 }
-            }
+            });
         }
         PackedQ8 { k, n, q, scales }
     }
