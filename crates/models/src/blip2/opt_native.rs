@@ -1,6 +1,6 @@
 //! OPT's decoder layers on magpie's CPU kernels: the residual stream, LayerNorms,
 //! attention and key/value cache in f32 buffers, the linear layers on the packed GEMM
-//! (bias, ReLU and residual fused into its store; a quantized layer through candle's
+//! (bias, ReLU and residual fused into its store; a k-quant layer through candle's
 //! `QMatMul`). Decoding one token is a few hundred small operations per token through
 //! candle (each a fresh tensor, a dtype conversion, a copy of the whole cache to append
 //! one position); here it is the weights' reads and little else.
@@ -42,7 +42,7 @@ impl NativeKv {
     /// fused projection `qkv` ((rows·s) × 3·hidden: Q, K, V).
     fn append(&mut self, qkv: &[f32], rows: usize, s: usize, heads: usize, head_dim: usize) -> Result<()> {
         if self.len == 0 {
-            (self.rows, self.heads, self.head_dim) = (rows, heads, head_dim);
+            *self = NativeKv { rows, heads, head_dim, ..Default::default() };
         } else if (self.rows, self.heads, self.head_dim) != (rows, heads, head_dim) {
             candle_core::bail!("the cache holds {} rows of {}×{}, the step {rows} of {heads}×{head_dim}", self.rows, self.heads, self.head_dim);
         }
