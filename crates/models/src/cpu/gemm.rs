@@ -731,9 +731,13 @@ unsafe fn task<P: Panels>(
         finish_act(isa, c, ldc, (m0, m1), (p0, p1), n, ep);
         return;
     }
+    // K blocks let several row tiles reuse a block of the panels from L2. A task of one
+    // row tile (a token step) reuses nothing: it streams each panel whole instead, one
+    // stream at a time (5% more of the memory's rate than in blocks of 256).
+    let kc = if m1 - m0 <= MR && b.as_q8().is_none() { k } else { KC };
     let mut k0 = 0;
     while k0 < k {
-        let kn = KC.min(k - k0);
+        let kn = kc.min(k - k0);
         for jp in p0..p1 {
             let bp = b.block(isa, jp, k0, kn);
             let j = jp * NR;
