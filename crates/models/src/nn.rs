@@ -142,32 +142,23 @@ impl Linear {
         }
     }
 
-    /// The same layer on magpie's CPU kernels ([`crate::cpu::gemm`]) when its weight is a
-    /// dense f32, f16 or bf16 one on the CPU: packed in its own dtype (a half-precision
-    /// weight is widened to f32 as the kernel loads it, so it reads half the memory), the
-    /// bias fused into the store. Otherwise (a GPU, a quantized weight) unchanged. The
-    /// layer then takes and returns any float dtype, computing in f32.
+    /// The same layer on magpie's CPU kernels ([`crate::cpu::gemm`]) when its weight is an
+    /// f32, f16 or bf16 one kept as stored on the CPU (see `from_weight`): packed in its
+    /// own dtype (a half-precision weight is widened to f32 as the kernel loads it, so it
+    /// reads half the memory), the bias fused into the store. Otherwise (a GPU, a
+    /// quantized weight) unchanged. The layer then takes and returns any float dtype,
+    /// computing in f32.
     pub(crate) fn packed_for_cpu(self) -> Result<Self> {
-        // The values are read in place from the loaded tensor (no copy).
-        let packed = match &self.weight {
-            Weight::Torch(w) if cpu_kernels(w.device()) => {
-                let (n, k) = w.dims2()?;
-                match w.dtype() {
-                    DType::F32 => PackedWeight::F32(with_cpu_slice(w, |v| Packed::pack_nk(v, n, k))?),
-                    DType::F16 => PackedWeight::F16(with_cpu_slice(w, |v| Packed::pack_nk(v, n, k))?),
-                    DType::BF16 => PackedWeight::Bf16Widened(with_cpu_slice(w, |v| Packed::pack_nk(v, n, k))?),
-                    _ => return Ok(self),
-                }
-            }
-            Weight::Dense(wt) if cpu_kernels(wt.device()) => {
-                let (k, n) = wt.dims2()?;
-                match wt.dtype() {
-                    DType::F32 => PackedWeight::F32(with_cpu_slice(wt, |v| Packed::pack_rows(v, k, n))?),
-                    DType::F16 => PackedWeight::F16(with_cpu_slice(wt, |v| Packed::pack_rows(v, k, n))?),
-                    DType::BF16 => PackedWeight::Bf16Widened(with_cpu_slice(wt, |v| Packed::pack_rows(v, k, n))?),
-                    _ => return Ok(self),
-                }
-            }
+        // The values are read in place from the loaded tensor, out × in as stored (no copy).
+        let Weight::Torch(w) = &self.weight else { return Ok(self) };
+        if !cpu_kernels(w.device()) {
+            return Ok(self);
+        }
+        let (n, k) = w.dims2()?;
+        let packed = match w.dtype() {
+            DType::F32 => PackedWeight::F32(with_cpu_slice(w, |v: &[f32]| Packed::pack_nk(v, n, k))?),
+            DType::F16 => PackedWeight::F16(with_cpu_slice(w, |v: &[half::f16]| Packed::pack_nk(v, n, k))?),
+            DType::BF16 => PackedWeight::Bf16Widened(with_cpu_slice(w, |v: &[half::bf16]| Packed::pack_nk(v, n, k))?),
             _ => return Ok(self),
         };
         let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
