@@ -382,8 +382,8 @@ impl ClipModel {
         Ok(Self {
             text_model: TextTransformer::new(&c.text_config, vb.pp("text_model"))?,
             vision_model: VisionTransformer::new(&c.vision_config, vb.pp("vision_model"))?,
-            visual_projection: Linear::new(c.vision_config.hidden_size, c.projection_dim, false, vb.pp("visual_projection"))?,
-            text_projection: Linear::new(c.text_config.hidden_size, c.projection_dim, false, vb.pp("text_projection"))?,
+            visual_projection: Linear::new(c.vision_config.hidden_size, c.projection_dim, false, vb.pp("visual_projection"))?.packed_for_cpu()?,
+            text_projection: Linear::new(c.text_config.hidden_size, c.projection_dim, false, vb.pp("text_projection"))?.packed_for_cpu()?,
             logit_scale,
         })
     }

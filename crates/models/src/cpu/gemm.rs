@@ -67,29 +67,23 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for half::f16 {
-    const KIND: ElemKind = ElemKind::F16;
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        half::f16::from_f32(x)
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
+macro_rules! half_elem {
+    ($t:ty, $kind:ident) => {
+        impl Elem for $t {
+            const KIND: ElemKind = ElemKind::$kind;
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+        }
+    };
 }
-
-impl Elem for half::bf16 {
-    const KIND: ElemKind = ElemKind::Bf16;
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        half::bf16::from_f32(x)
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-}
+half_elem!(half::f16, F16);
+half_elem!(half::bf16, Bf16);
 
 /// A K × N weight, packed for the micro-kernels, in f32 or (see [`Elem`]) f16 or bf16.
 #[derive(Clone)]
@@ -154,20 +148,6 @@ impl<E: Elem> Packed<E> {
                 }
             }
         });
-        p
-    }
-
-    /// From `w`, K × N row-major, already in this element type (copied, not rounded).
-    pub fn pack_rows(w: &[E], k: usize, n: usize) -> Self {
-        assert_eq!(w.len(), k * n, "Packed::pack_rows: w has {} values, not K·N = {k}·{n}", w.len());
-        let mut p = Self::default();
-        let all = p.reshape(k, n);
-        for (kk, r) in w.chunks_exact(n.max(1)).enumerate().take(k) {
-            for (jp, piece) in r.chunks(NR).enumerate() {
-                let at = jp * k * NR + kk * NR;
-                all[at..at + piece.len()].copy_from_slice(piece);
-            }
-        }
         p
     }
 
@@ -240,11 +220,6 @@ impl<E: Elem> Packed<E> {
 
     pub fn n(&self) -> usize {
         self.n
-    }
-
-    /// Bytes of memory the packed values take.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 64
     }
 
     /// The packed values, padding included: panel after panel, K rows of [`NR`] each.
@@ -369,11 +344,6 @@ impl PackedQ8 {
 
     pub fn n(&self) -> usize {
         self.n
-    }
-
-    /// Bytes of memory the quantized values and scales take.
-    pub fn bytes(&self) -> usize {
-        self.q.len() * 64 + self.scales.len() * 2
     }
 
     /// W[k][j] as the kernels see it (the i8 times its block's scale).
@@ -1175,20 +1145,21 @@ mod tests {
     fn half_precision_weights_widen_exactly() {
         every_level_matches_the_naive_product_with::<half::f16>(|w, k, n| PackedWeight::F16(Packed::pack(w, k, n)));
         every_level_matches_the_naive_product_with::<half::bf16>(|w, k, n| PackedWeight::Bf16Widened(Packed::pack(w, k, n)));
-        // Already rounded values are copied as they are.
+        // Already rounded values in PyTorch's out × in layout are copied as they are, into
+        // the panels that packing the K × N matrix gives.
         let w: Vec<half::f16> = Rng(3).vec(5 * 70).into_iter().map(half::f16::from_f32).collect();
-        let p = Packed::<half::f16>::pack_rows(&w, 5, 70);
-        assert_eq!(p.get(4, 69), w[4 * 70 + 69].to_f32());
-        assert_eq!(p.get(2, 3), w[2 * 70 + 3].to_f32());
-        assert_eq!(p.values()[5 * NR + 10], half::f16::ZERO, "padding of the second panel");
-        // From PyTorch's out × in layout: the same panels.
         let mut w_nk = vec![half::f16::ZERO; 70 * 5];
         for kk in 0..5 {
             for j in 0..70 {
                 w_nk[j * 5 + kk] = w[kk * 70 + j];
             }
         }
-        assert_eq!(Packed::pack_nk(&w_nk, 70, 5).values(), p.values());
+        let p = Packed::<half::f16>::pack_nk(&w_nk, 70, 5);
+        assert_eq!(p.get(4, 69), w[4 * 70 + 69].to_f32());
+        assert_eq!(p.get(2, 3), w[2 * 70 + 3].to_f32());
+        assert_eq!(p.values()[5 * NR + 10], half::f16::ZERO, "padding of the second panel");
+        let wide: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(Packed::<half::f16>::pack(&wide, 5, 70).values(), p.values());
     }
 
     #[test]
