@@ -29,6 +29,7 @@
 //! ```
 
 pub mod bf16_gemm;
+pub mod int8_gemm;
 pub mod blip2;
 pub mod clip;
 pub mod cpu;

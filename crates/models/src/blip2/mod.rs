@@ -145,9 +145,6 @@ impl Blip2 {
             }
         };
         let weights = CheckedWeights::open(&dir.weight_files()?)?;
-        // In the quantized modes the f32 vision encoder runs on the BF16 dot-product
-        // kernel where the CPU has one (its error is far below the quantized decoder's).
-        let _scope = crate::nn::Bf16Scope::enter(precision.quantization().is_some() && device.is_cpu());
         let model = Blip2ForConditionalGeneration::new_mixed(
             &config,
             image_token_index,

@@ -34,8 +34,9 @@ impl Blip2ForConditionalGeneration {
         Self::new_mixed(c, image_token_index, vb.clone(), vb, vb_f32, None)
     }
 
-    /// The vision encoder from `vb_vision`, the projection and language model from
-    /// `vb_language` (quantized to `quant` if given; then `vb_language` should be f32),
+    /// The vision encoder from `vb_vision` (on a CPU its linear layers on int8 kernels
+    /// when `quant` is given), the projection and language model from `vb_language`
+    /// (quantized to `quant` if given; then `vb_language` should be f32),
     /// the queries and Q-Former from `vb_f32` — three views of the same weights.
     pub fn new_mixed(
         c: &Blip2Config,
@@ -48,7 +49,7 @@ impl Blip2ForConditionalGeneration {
         let q = &c.qformer_config;
         let vb = vb_language;
         Ok(Self {
-            vision_model: VisionModel::new(&c.vision_config, vb_vision.pp("vision_model"))?,
+            vision_model: VisionModel::new(&c.vision_config, vb_vision.pp("vision_model"), quant.is_some())?,
             query_tokens: vb_f32.get((1, c.num_query_tokens, q.hidden_size), "query_tokens")?,
             qformer: QFormerModel::new(q, vb_f32.pp("qformer"))?,
             language_projection: Linear::new(

@@ -15,14 +15,18 @@ use std::str::FromStr;
 /// | `f32`  | f32            | f32                  | 15.5 GB          |
 /// | `f16`  | f16            | f16                  | 7.8 GB           |
 /// | `bf16` | bf16           | bf16                 | 7.8 GB           |
-/// | `q8_0` | f32            | 8.5-bit blocks       | ≈ 7.5 GB         |
-/// | `q6_k` | f32            | 6.6-bit blocks       | ≈ 6.9 GB         |
-/// | `q4_k` | f32            | 4.5-bit (head 6.6)   | ≈ 6.3 GB         |
+/// | `q8_0` | f32 weights, int8 kernel | 8.5-bit blocks | ≈ 7.5 GB         |
+/// | `q6_k` | as `q8_0`      | 6.6-bit blocks       | ≈ 6.9 GB         |
+/// | `q4_k` | as `q8_0`      | 4.5-bit (head 6.6)   | ≈ 6.3 GB         |
 ///
 /// The Q-Former and its queries are always f32, as in transformers. In the quantized
 /// modes the decoder's activations, embeddings and LayerNorms are f32 and only the
 /// weights of its linear layers (and of the LM head) are quantized; layers whose input
-/// width is not a multiple of the block size (32, or 256 for the k-quants) stay f32.
+/// width is not a multiple of the block size (32, or 256 for the k-quants) stay f32. On a
+/// CPU with AVX-512 VNNI the vision encoder's attention output projection and MLP run on
+/// int8 dot products (weights per output channel, activations per row:
+/// [`crate::cpu::Precision::Int8`]), its QKV projection on BF16; on CPUs without VNNI
+/// all four on BF16 where the CPU has it, else f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     F32,

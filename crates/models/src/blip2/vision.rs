@@ -6,7 +6,7 @@
 
 use super::config::VisionConfig;
 use crate::clip::config::Activation;
-use crate::nn::{attention, bf16_enabled, LayerNorm, Linear};
+use crate::nn::{attention, LayerNorm, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -206,17 +206,19 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
-    pub fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// The model from `vb`; `quantized`: BLIP-2's quantized modes, where on a CPU the
+    /// layers run on int8 dot products ([`crate::cpu::Precision::Int8`]).
+    pub fn new(c: &VisionConfig, vb: VarBuilder, quantized: bool) -> Result<Self> {
         let lv = vb.pp("encoder").pp("layers");
         use crate::cpu::Precision as P;
         use candle_core::DType;
-        // On a CPU the layers run on magpie's kernels in every precision: f32 (or BF16 for
-        // the quantized modes), an f16 checkpoint's weights kept in f16 with f32 arithmetic,
-        // bf16 on the BF16 dot-product kernel (transformers' bf16 arithmetic; f32 on CPUs
-        // without it).
+        // On a CPU the layers run on magpie's kernels in every precision: f32 (int8 in the
+        // quantized modes, or BF16 on CPUs without VNNI), an f16 checkpoint's weights kept
+        // in f16 with f32 arithmetic, bf16 on the BF16 dot-product kernel (transformers'
+        // bf16 arithmetic; f32 on CPUs without it).
         let cpu_precision = match vb.dtype() {
             _ if !crate::nn::cpu_kernels(vb.device()) => None,
-            DType::F32 if bf16_enabled() => Some(P::Bf16WithQkv),
+            DType::F32 if quantized => Some(P::Int8),
             DType::F32 => Some(P::F32),
             DType::F16 => Some(P::F16Weights),
             DType::BF16 => Some(P::Bf16WithQkv),

@@ -440,6 +440,8 @@ pub enum PackedWeight {
     Bf16(std::sync::Arc<crate::bf16_gemm::PackedB>),
     /// ggml `q8_0` blocks, widened to f32 per block in cache.
     Q8(PackedQ8),
+    /// For the int8 dot-product kernel: the activations are quantized per row too.
+    I8(std::sync::Arc<crate::int8_gemm::PackedI8>),
 }
 
 impl PackedWeight {
@@ -459,6 +461,7 @@ impl PackedWeight {
             PackedWeight::Bf16Widened(p) => p.k,
             PackedWeight::Bf16(p) => p.k(),
             PackedWeight::Q8(p) => p.k,
+            PackedWeight::I8(p) => p.k(),
         }
     }
 
@@ -469,6 +472,7 @@ impl PackedWeight {
             PackedWeight::Bf16Widened(p) => p.n,
             PackedWeight::Bf16(p) => p.n(),
             PackedWeight::Q8(p) => p.n,
+            PackedWeight::I8(p) => p.n(),
         }
     }
 
@@ -511,6 +515,7 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
         PackedWeight::F16(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::Bf16Widened(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::Q8(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
+        PackedWeight::I8(b) => crate::int8_gemm::gemm_ep(a, m, b, bias, c, ep),
     }
 }
 

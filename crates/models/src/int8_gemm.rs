@@ -1,0 +1,770 @@
+//! Int8 dot-product GEMM for x86-64 CPUs with AVX-512 VNNI: `y = x · W (+ bias)` with
+//! `W` quantized once at load and `x` quantized per row at every call ("W8A8 dynamic",
+//! as ONNX Runtime's and FBGEMM's dynamically quantized linear layers).
+//!
+//! `vpdpbusd` multiplies four unsigned bytes by four signed bytes and adds the four
+//! products into a 32-bit lane: 64 multiply-adds per zmm instruction, twice
+//! `vdpbf16ps`'s 32 ([`crate::bf16_gemm`]) and four times an f32 FMA's 16. Made for the
+//! linear layers of BLIP-2's ViT-g, whose GEMMs at the BF16 peak would still take longer
+//! than the encoder's time budget.
+//!
+//! # Numbers
+//!
+//! * Weights: symmetric per output column, `w ≈ s_w[j] · q`, `q ∈ [−127, 127]`,
+//!   `s_w[j] = max_k |W[k][j]| / 127`.
+//! * Activations: asymmetric per row, `x ≈ s_a[i] · (q − z[i])`, `q ∈ [0, 255]`, over the
+//!   row's range widened to include 0 (so that 0 is exact: padding, ReLU zeros),
+//!   `s_a = (max − min) / 255`, `z = round(−min / s_a)`.
+//! * Then `y[i][j] = bias[j] + s_a[i] s_w[j] (Σ_k q_a q_w − z[i] Σ_k q_w[k][j])`: the
+//!   integer sums are exact (|Σ| < 2³¹ for K < 65,000), the column sums are computed at
+//!   load, and only the scaling is in f32.
+//!
+//! The error of one output is that of rounding both inputs to 8 bits: relative to the
+//! row's range and the column's largest weight, not to each value, so rows or columns
+//! with one huge outlier lose precision on the others. Use it where the model tolerates
+//! that (BLIP-2's quantized modes); CLIP keeps f32 and BF16.
+//!
+//! # Layouts
+//!
+//! A 32-bit lane holds four consecutive-k values ("a k quad"), byte `t` being `k = 4p + t`:
+//!
+//! * A, per call: row-major `M × ⌈K/4⌉` words of u8 quads, rows padded to an odd number of
+//!   cache lines (see [`crate::bf16_gemm`] for why), with the row's scale and `s_a · z`.
+//! * B, packed once: column panels of [`NR`] columns; inside a panel, for each k quad `p`,
+//!   the [`NR`] words holding `q_w[4p..4p+4][j]`, j over the panel's columns; past K and N
+//!   zero. Per column `s_w` and `s_w · Σ_k q_w`, zero past N.
+//!
+//! # Algorithm
+//!
+//! As the BF16 kernel: an `MR × NR` = 6 × 64 tile of 32-bit sums in 24 zmm registers,
+//! per quad 4 loads of B, 6 broadcasts of A and 24 `vpdpbusd`; Goto-style K blocks of
+//! `kc` quads, B's block reused from L2 by the task's row tiles. At the end of each K
+//! block the integer sums are converted and scaled into C (f32), the first block adding
+//! the bias and the zero-point correction, so that blocks never carry integers across.
+
+use crate::cpu::gemm::{task_grid, Epilogue, SendPtr};
+use crate::cpu::math::{activate, Act};
+use crate::cpu::Isa;
+use rayon::prelude::*;
+
+/// Columns of a packed B panel, and of the micro-kernel's tile: 4 zmm vectors.
+pub const NR: usize = NV * 16;
+const NV: usize = 4;
+/// Rows of the micro-kernel's tile.
+const MR: usize = 6;
+
+/// Whether this CPU runs [`gemm`]: x86-64 with AVX-512 F, BW and VNNI.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// 64 bytes, so that panels and rows start on a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+fn words(lines: &[Line]) -> &[u32] {
+    // SAFETY: Line is 16 u32 with no padding.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u32, lines.len() * 16) }
+}
+
+fn words_mut(lines: &mut [Line]) -> &mut [u32] {
+    // SAFETY: Line is 16 u32 with no padding.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) }
+}
+
+/// The symmetric int8 quantization of one weight column: its scale and values.
+pub fn quantize_column(col: impl Iterator<Item = f32> + Clone) -> (f32, impl Iterator<Item = i8>) {
+    let amax = col.clone().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if amax.is_finite() && amax > 0.0 { amax / 127.0 } else { 0.0 };
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    (scale, col.map(move |v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8))
+}
+
+/// The asymmetric u8 quantization of one activation row: `(s_a, z)`. `s_a` is 0 for an
+/// all-zero (or non-finite) row, whose values then all quantize to `z` = 0.
+pub fn row_params(x: &[f32]) -> (f32, i32) {
+    let (lo, hi) = x.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    params_from_range(lo, hi)
+}
+
+fn params_from_range(lo: f32, hi: f32) -> (f32, i32) {
+    let scale = (hi - lo) / 255.0;
+    if !(scale.is_finite() && scale > 0.0) {
+        return (0.0, 0);
+    }
+    let z = (-lo * (1.0 / scale)).round_ties_even().clamp(0.0, 255.0) as i32;
+    (scale, z)
+}
+
+/// One activation value quantized with `inv = 1/s_a` (0 for an all-zero row) and `z`.
+#[inline(always)]
+pub fn quantize_value(x: f32, inv: f32, z: i32) -> u8 {
+    ((x * inv).round_ties_even() as i32 + z).clamp(0, 255) as u8
+}
+
+/// A K × N weight in int8, in the micro-kernel's layout (see the module docs).
+pub struct PackedI8 {
+    k: usize,
+    n: usize,
+    /// ⌈K/4⌉: the k quads of one panel column.
+    kq: usize,
+    /// ⌈N/NR⌉ panels of `kq · NR` words.
+    data: Vec<Line>,
+    /// `s_w` per column, zero-padded to whole panels.
+    scale: Vec<f32>,
+    /// `s_w · Σ_k q_w` per column, zero-padded to whole panels.
+    wsum: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedI8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedI8").field("k", &self.k).field("n", &self.n).finish()
+    }
+}
+
+impl PackedI8 {
+    /// Quantizes and packs `w_nk`, N × K row-major: PyTorch's `Linear.weight` (out × in)
+    /// as stored, whose rows are the output columns quantized here.
+    pub fn pack_transposed(w_nk: &[f32], n: usize, k: usize) -> PackedI8 {
+        assert_eq!(w_nk.len(), n * k, "int8_gemm::PackedI8::pack_transposed: w has {} values, not N·K = {n}·{k}", w_nk.len());
+        Self::pack_with(k, n, |j| &w_nk[j * k..(j + 1) * k])
+    }
+
+    /// Quantizes and packs `w`, K × N row-major.
+    pub fn pack(w: &[f32], k: usize, n: usize) -> PackedI8 {
+        assert_eq!(w.len(), k * n, "int8_gemm::PackedI8::pack: w has {} values, not K·N = {k}·{n}", w.len());
+        let w_nk: Vec<f32> = (0..n * k).map(|t| w[(t % k) * n + t / k]).collect();
+        Self::pack_transposed(&w_nk, n, k)
+    }
+
+    fn pack_with<'a>(k: usize, n: usize, col: impl Fn(usize) -> &'a [f32] + Sync) -> PackedI8 {
+        let kq = k.div_ceil(4);
+        let panels = n.div_ceil(NR);
+        let panel_words = kq * NR;
+        let mut data = vec![Line([0; 16]); panels * panel_words / 16];
+        let mut scale = vec![0f32; panels * NR];
+        let mut wsum = vec![0f32; panels * NR];
+        data.par_chunks_mut((panel_words / 16).max(1))
+            .zip(scale.par_chunks_mut(NR).zip(wsum.par_chunks_mut(NR)))
+            .enumerate()
+            .for_each(|(jp, (panel, (scale, wsum)))| {
+                let words = words_mut(panel);
+                let mut q = vec![0i8; kq * 4];
+                for jj in 0..NR.min(n.saturating_sub(jp * NR)) {
+                    let (s, values) = quantize_column(col(jp * NR + jj).iter().copied());
+                    q.iter_mut().zip(values).for_each(|(q, v)| *q = v);
+                    scale[jj] = s;
+                    wsum[jj] = s * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
+                    for (p, quad) in q.chunks_exact(4).enumerate() {
+                        words[p * NR + jj] = u32::from_le_bytes([quad[0] as u8, quad[1] as u8, quad[2] as u8, quad[3] as u8]);
+                    }
+                }
+            });
+        PackedI8 { k, n, kq, data, scale, wsum }
+    }
+
+    /// K, the inner dimension.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// N, the output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The quantized weight `q_w[kk][j]` and the column's scale (for tests and references).
+    pub fn get(&self, kk: usize, j: usize) -> (i8, f32) {
+        let w = words(&self.data)[(j / NR) * self.kq * NR + (kk / 4) * NR + j % NR];
+        (w.to_le_bytes()[kk % 4] as i8, self.scale[j])
+    }
+
+    fn panel(&self, jp: usize) -> &[u32] {
+        let len = self.kq * NR;
+        &words(&self.data)[jp * len..(jp + 1) * len]
+    }
+}
+
+/// `c = a · b (+ bias)` with the epilogue `ep` (an activation, or accumulation into C):
+/// `a` is M × K row-major f32, quantized per row on the way in, `b` the packed weight,
+/// `c` M × N row-major. Runs on rayon's pool.
+///
+/// Panics if the shapes disagree or the CPU lacks the instructions ([`available`]).
+pub fn gemm_ep(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>, c: &mut [f32], ep: Epilogue) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a.len(), m * k, "int8_gemm::gemm: a has {} values, not M·K = {m}·{k}", a.len());
+    assert_eq!(c.len(), m * n, "int8_gemm::gemm: c has {} values, not M·N = {m}·{n}", c.len());
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "int8_gemm::gemm: bias has {} values, not N = {n}", bias.len());
+    }
+    assert!(available(), "int8_gemm::gemm needs AVX-512 F, BW and VNNI (check int8_gemm::available())");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU features were just checked.
+    unsafe {
+        x86::gemm(a, m, b, bias, c, &x86::Blocking::default(), ep)
+    };
+}
+
+/// [`gemm_ep`] storing `a · b (+ bias)`.
+pub fn gemm(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>, c: &mut [f32]) {
+    gemm_ep(a, m, b, bias, c, Epilogue::STORE)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use crate::cpu::gemm::x86::col_masks;
+    use std::arch::x86_64::*;
+
+    /// Cache blocking of one call; see the module docs.
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct Blocking {
+        /// k quads per K block.
+        pub kc: usize,
+        /// Rows per task (rounded to the micro-tile).
+        pub mc: usize,
+        /// Columns per task (rounded to the panels).
+        pub nc: usize,
+        /// At least this many tasks per thread, when the shape allows.
+        pub tasks_per_thread: usize,
+    }
+
+    impl Default for Blocking {
+        fn default() -> Self {
+            Blocking { kc: 768, mc: 512, nc: 192, tasks_per_thread: 4 }
+        }
+    }
+
+    /// The quantized activations of one call, kept per calling thread between calls.
+    #[derive(Default)]
+    struct Quantized {
+        rows: Vec<Line>,
+        /// Per row: `s_a` and `s_a · z`.
+        scale: Vec<f32>,
+        zs: Vec<f32>,
+    }
+
+    thread_local! {
+        /// Taken while in use, so that a nested call (a rayon task of this thread calling
+        /// gemm) allocates its own.
+        static SCRATCH: std::cell::Cell<Quantized> = std::cell::Cell::new(Quantized::default());
+    }
+
+    /// At most this many bytes of quantized activations stay allocated per thread.
+    const SCRATCH_KEEP: usize = 32 << 20;
+
+    /// What one micro-tile needs to finish its first K block.
+    #[derive(Clone, Copy)]
+    struct First {
+        bias: Option<*const f32>,
+        accumulate: bool,
+    }
+
+    /// [`super::gemm_ep`] with a given blocking; shapes already checked.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VNNI ([`available`]).
+    pub(super) unsafe fn gemm(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>, c: &mut [f32], blk: &Blocking, ep: Epilogue) {
+        let (k, n, kq) = (b.k, b.n, b.kq);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let lda = kq.next_multiple_of(16) | 16;
+        let mut q = SCRATCH.take();
+        if q.rows.len() < m * lda / 16 {
+            q.rows = vec![Line([0; 16]); m * lda / 16];
+        }
+        q.scale.resize(m, 0.0);
+        q.zs.resize(m, 0.0);
+        {
+            let rows_per_chunk = (16384 / lda).clamp(1, m.div_ceil(2).max(1));
+            let rows = &mut q.rows[..m * lda / 16];
+            rows.par_chunks_mut(rows_per_chunk * lda / 16)
+                .zip(q.scale.par_chunks_mut(rows_per_chunk).zip(q.zs.par_chunks_mut(rows_per_chunk)))
+                .enumerate()
+                .for_each(|(ci, (chunk, (scale, zs)))| {
+                    for (ri, row) in words_mut(chunk).chunks_mut(lda).enumerate() {
+                        let i = ci * rows_per_chunk + ri;
+                        // SAFETY: the caller vouches for the CPU features.
+                        let (s, z) = unsafe { quantize_row(&a[i * k..(i + 1) * k], row) };
+                        scale[ri] = s;
+                        zs[ri] = s * z as f32;
+                    }
+                });
+        }
+        let (aq, sa, zs) = (words(&q.rows), &q.scale[..m], &q.zs[..m]);
+
+        let kc = blk.kc.max(1);
+        let (rt, pn) = (m.div_ceil(MR), n.div_ceil(NR));
+        let (mt, nt) = task_grid(m, MR, pn, NR, blk.mc, blk.nc, blk.tasks_per_thread);
+        let cptr = SendPtr(c.as_mut_ptr());
+        let bias = bias.map(|b| b.as_ptr() as usize);
+        (0..mt * nt).into_par_iter().for_each(|t| {
+            let (g, h) = (t / nt, t % nt);
+            let rows = (g * rt / mt * MR, ((g + 1) * rt / mt * MR).min(m));
+            let panels = (h * pn / nt, (h + 1) * pn / nt);
+            // SAFETY: the caller vouches for the CPU features; the task writes its rows ×
+            // panels of C only, which no other task touches.
+            unsafe { task(aq, lda, sa, zs, b, bias.map(|p| p as *const f32), cptr.get(), n, rows, panels, kc, ep) };
+        });
+        if q.rows.len() * 64 <= SCRATCH_KEEP {
+            SCRATCH.set(q);
+        }
+    }
+
+    /// One task: C[rows, panels] over all of K.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn task(
+        aq: &[u32],
+        lda: usize,
+        sa: &[f32],
+        zs: &[f32],
+        b: &PackedI8,
+        bias: Option<*const f32>,
+        c: *mut f32,
+        ldc: usize,
+        (m0, m1): (usize, usize),
+        (p0, p1): (usize, usize),
+        kc: usize,
+        ep: Epilogue,
+    ) {
+        let (kq, n) = (b.kq, b.n);
+        let mut k0 = 0;
+        // K = 0 still runs one (empty) block: C gets the bias.
+        while k0 < kq || (k0 == 0 && kq == 0) {
+            let kn = kc.min(kq - k0);
+            for jp in p0..p1 {
+                let bp = b.panel(jp).as_ptr().add(k0 * NR);
+                let j = jp * NR;
+                let cols = NR.min(n - j);
+                let first = (k0 == 0).then_some(First { bias: bias.map(|p| p.add(j)), accumulate: ep.accumulate });
+                let (sw, ws) = (b.scale.as_ptr().add(j), b.wsum.as_ptr().add(j));
+                let mut i = m0;
+                while i < m1 {
+                    let rows = MR.min(m1 - i);
+                    let ap = aq.as_ptr().add(i * lda + k0);
+                    let cp = c.add(i * ldc + j);
+                    let (ra, rz) = (sa.as_ptr().add(i), zs.as_ptr().add(i));
+                    match rows {
+                        6 => kernel::<6>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
+                        5 => kernel::<5>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
+                        4 => kernel::<4>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
+                        3 => kernel::<3>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
+                        2 => kernel::<2>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
+                        _ => kernel::<1>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
+                    }
+                    i += MR;
+                }
+            }
+            if kq == 0 {
+                break;
+            }
+            k0 += kn;
+        }
+        if ep.act != Act::None && !ep.accumulate {
+            let (j0, j1) = (p0 * NR, (p1 * NR).min(n));
+            for i in m0..m1 {
+                activate(Isa::Avx512, ep.act, std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0));
+            }
+        }
+    }
+
+    /// The micro-kernel: the integer sums of A[0..R, kn quads] · B panel[kn quads], scaled
+    /// into C[0..R, 0..cols]: `C = C₀ + s_a s_w · Σ`, where C₀ is C itself after the first
+    /// K block, and on the first block the bias minus the zero-point term `s_a z · s_w Σ q_w`
+    /// (plus C when accumulating).
+    ///
+    /// `a` points at row 0's first quad (rows `lda` words apart), `b` at the panel's first
+    /// quad (`NR` words per quad), `c` at the tile (rows `ldc` apart), `ra`/`rz` at the
+    /// tile's rows' `s_a`/`s_a z`, `sw`/`ws` at its columns' `s_w`/`s_w Σ q_w` (readable for
+    /// NR columns: zero-padded to whole panels). `cols ≤ NR` columns are stored.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn kernel<const R: usize>(
+        kn: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        ra: *const f32,
+        rz: *const f32,
+        sw: *const f32,
+        ws: *const f32,
+        first: Option<First>,
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); NV]; R];
+        let mut ap = [a; R];
+        for (r, p) in ap.iter_mut().enumerate() {
+            *p = a.add(r * lda);
+        }
+        let mut bp = b;
+        for p in 0..kn {
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_load_si512(bp.add(v * 16) as *const __m512i);
+            }
+            for r in 0..R {
+                let av = _mm512_set1_epi32(*ap[r].add(p) as i32);
+                for v in 0..NV {
+                    acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
+                }
+            }
+            bp = bp.add(NR);
+        }
+
+        let (full, mask) = col_masks::<NV>(cols);
+        let load = |p: *const f32, v: usize| if full { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps(mask[v], p) };
+        let swv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(sw.add(v * 16)));
+        let wsv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(ws.add(v * 16)));
+        for (r, row) in acc.iter().enumerate() {
+            let s = _mm512_set1_ps(*ra.add(r));
+            let z = _mm512_set1_ps(*rz.add(r));
+            for v in 0..NV {
+                let p = c.add(r * ldc + v * 16);
+                let base = match first {
+                    None => load(p, v),
+                    Some(f) => {
+                        let mut base = if f.accumulate { load(p, v) } else { _mm512_setzero_ps() };
+                        if let Some(bias) = f.bias {
+                            base = _mm512_add_ps(base, load(bias.add(v * 16), v));
+                        }
+                        _mm512_fnmadd_ps(z, wsv[v], base)
+                    }
+                };
+                let y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(row[v]), _mm512_mul_ps(s, swv[v]), base);
+                if full {
+                    _mm512_storeu_ps(p, y);
+                } else {
+                    _mm512_mask_storeu_ps(p, mask[v], y);
+                }
+            }
+        }
+    }
+
+    /// One row of A to u8 quads (zeros past the row's end, which the zero weights of the
+    /// padding ignore anyway) and its `(s_a, z)`, as [`row_params`] and [`quantize_value`]
+    /// compute them.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quantize_row(x: &[f32], out: &mut [u32]) -> (f32, i32) {
+        let k = x.len();
+        debug_assert!(out.len() * 4 >= k && out.len().is_multiple_of(16));
+        let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut kk = 0;
+        while kk < k {
+            let m = mask16(k - kk);
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(kk));
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+            kk += 16;
+        }
+        let (scale, z) = params_from_range(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let zv = _mm512_set1_epi32(z);
+        let bytes = out.as_mut_ptr() as *mut u8;
+        let mut kk = 0;
+        while kk < k {
+            let m = mask16(k - kk);
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(kk));
+            // cvtps rounds to nearest even (MXCSR's default), as round_ties_even.
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zv);
+            let q = _mm512_max_epi32(q, _mm512_setzero_si512());
+            // Unsigned saturation to u8: the clamp to 255.
+            let q8 = _mm512_cvtusepi32_epi8(q);
+            if k - kk >= 16 {
+                _mm_storeu_si128(bytes.add(kk) as *mut __m128i, q8);
+            } else {
+                let mut tail = [0u8; 16];
+                _mm_storeu_si128(tail.as_mut_ptr() as *mut __m128i, q8);
+                std::ptr::copy_nonoverlapping(tail.as_ptr(), bytes.add(kk), k - kk);
+            }
+            kk += 16;
+        }
+        // Zero the rest of the row (the last quad's unused bytes and the padding).
+        std::slice::from_raw_parts_mut(bytes.add(k), out.len() * 4 - k).fill(0);
+        (scale, z)
+    }
+
+    fn mask16(lanes: usize) -> u16 {
+        ((1u32 << lanes.min(16)) - 1) as u16
+    }
+
+    #[cfg(test)]
+    pub(super) fn with_blocking(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>, c: &mut [f32], blk: Blocking) {
+        assert!(available());
+        // SAFETY: just checked.
+        unsafe { gemm(a, m, b, bias, c, &blk, Epilogue::STORE) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*, uniform in [-1, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn f32(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.f32()).collect()
+        }
+    }
+
+    /// What the kernel computes, in f64 from the same quantized values: bias + s_a s_w
+    /// (Σ q_a q_w − z Σ q_w), the sums exact.
+    fn reference_quantized(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>) -> Vec<f64> {
+        let (k, n) = (b.k(), b.n());
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            let row = &a[i * k..(i + 1) * k];
+            let (s, z) = row_params(row);
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let qa: Vec<i64> = row.iter().map(|&x| quantize_value(x, inv, z) as i64).collect();
+            for j in 0..n {
+                let (mut dot, mut sum) = (0i64, 0i64);
+                let mut sw = 0f32;
+                for (kk, &qa) in qa.iter().enumerate() {
+                    let (q, s) = b.get(kk, j);
+                    dot += qa * q as i64;
+                    sum += q as i64;
+                    sw = s;
+                }
+                let bj = bias.map_or(0.0, |b| b[j] as f64);
+                c[i * n + j] = bj + s as f64 * sw as f64 * (dot - z as i64 * sum) as f64;
+            }
+        }
+        c
+    }
+
+    /// `a · w (+ bias)` in f64, unquantized.
+    fn reference_f64(a: &[f32], m: usize, w: &[f32], k: usize, n: usize, bias: Option<&[f32]>) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = bias.map_or(0.0, |b| b[j] as f64) + (0..k).map(|kk| a[i * k + kk] as f64 * w[kk * n + j] as f64).sum::<f64>();
+            }
+        }
+        c
+    }
+
+    fn rel_err(c: &[f32], r: &[f64]) -> f64 {
+        let num: f64 = c.iter().zip(r).map(|(c, r)| (*c as f64 - r).powi(2)).sum();
+        let den: f64 = r.iter().map(|r| r * r).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    #[test]
+    fn quantization_is_exact_where_it_must_be() {
+        // 0 is exact, the range's ends map to 0 and 255, symmetric weights to ±127.
+        let row = [-1.0f32, 0.0, 0.5, 3.0];
+        let (s, z) = row_params(&row);
+        assert!((s - 4.0 / 255.0).abs() < 1e-7, "{s}");
+        assert_eq!(z, 64); // 1 / (4/255) = 63.75 → 64
+        let inv = 1.0 / s;
+        assert_eq!(quantize_value(0.0, inv, z), 64);
+        assert_eq!(quantize_value(3.0, inv, z), 255);
+        assert_eq!(quantize_value(-1.0, inv, z), 0);
+        assert_eq!(quantize_value(100.0, inv, z), 255, "clamped");
+        // A positive row: 0 is its minimum, z = 0.
+        assert_eq!(row_params(&[0.5, 2.0]).1, 0);
+        // An all-zero row has no scale.
+        assert_eq!(row_params(&[0.0; 5]), (0.0, 0));
+        assert_eq!(row_params(&[f32::INFINITY, 1.0]), (0.0, 0));
+        let (s, q) = quantize_column([0.5f32, -1.27, 0.0].into_iter());
+        assert!((s - 0.01).abs() < 1e-7);
+        assert_eq!(q.collect::<Vec<_>>(), vec![50, -127, 0]);
+        let (s, q) = quantize_column([0.0f32; 3].into_iter());
+        assert_eq!((s, q.collect::<Vec<_>>()), (0.0, vec![0, 0, 0]));
+    }
+
+    #[test]
+    fn packing_layout() {
+        let (k, n) = (9, 70);
+        let mut rng = Rng(3);
+        let w = rng.vec(k * n);
+        let b = PackedI8::pack(&w, k, n);
+        for j in [0, 5, 63, 64, 69] {
+            let col: Vec<f32> = (0..k).map(|kk| w[kk * n + j]).collect();
+            let (s, q) = quantize_column(col.iter().copied());
+            for (kk, q) in q.enumerate() {
+                assert_eq!(b.get(kk, j), (q, s), "k {kk} col {j}");
+            }
+            // Quad 2 of a 9-deep column holds k = 8 and three zeros.
+            let w = words(&b.data)[(j / NR) * b.kq * NR + 2 * NR + j % NR];
+            assert_eq!(w >> 8, 0);
+        }
+        // Columns past N are zero, scales too.
+        assert_eq!(words(&b.data)[b.kq * NR + 70 - 64 + 1], 0);
+        assert_eq!(b.scale[127], 0.0);
+        // From PyTorch's out × in layout, the same bytes.
+        let mut w_nk = vec![0f32; n * k];
+        for kk in 0..k {
+            for j in 0..n {
+                w_nk[j * k + kk] = w[kk * n + j];
+            }
+        }
+        let t = PackedI8::pack_transposed(&w_nk, n, k);
+        assert!(words(&t.data) == words(&b.data) && t.scale == b.scale && t.wsum == b.wsum);
+    }
+
+    #[test]
+    fn matches_the_quantized_reference_and_stays_close_to_f32() {
+        if !available() {
+            eprintln!("int8_gemm: no AVX-512 VNNI here, test skipped");
+            return;
+        }
+        let mut rng = Rng(0x5eed);
+        let mut worst = 0f64;
+        for &(m, k, n) in &[(1, 1, 1), (3, 7, 17), (7, 64, 65), (13, 515, 97), (50, 130, 200), (8, 1600, 48), (17, 33, 128)] {
+            for (with_bias, shift) in [(false, 0.0), (true, 0.0), (true, 0.7)] {
+                // `shift` makes the rows mostly positive (as after a GELU): z far from 128.
+                let a: Vec<f32> = rng.vec(m * k).iter().map(|v| v + shift).collect();
+                let w = rng.vec(k * n);
+                let bias = rng.vec(n);
+                let bias = with_bias.then_some(&bias[..]);
+                let b = PackedI8::pack(&w, k, n);
+                let mut c = vec![f32::NAN; m * n];
+                gemm(&a, m, &b, bias, &mut c);
+                let q = reference_quantized(&a, m, &b, bias);
+                let scale = q.iter().fold(1e-30f64, |s, v| s.max(v.abs()));
+                for (idx, (x, y)) in c.iter().zip(&q).enumerate() {
+                    assert!((*x as f64 - y).abs() <= 2e-6 * scale, "M={m} K={k} N={n}: c[{idx}] {x} vs {y}");
+                }
+                let err = rel_err(&c, &reference_f64(&a, m, &w, k, n, bias));
+                assert!(err < 2e-2, "M={m} K={k} N={n}: relative error {err} against f32");
+                worst = worst.max(err);
+            }
+        }
+        eprintln!("int8_gemm: worst relative error against unquantized {worst:.2e}");
+    }
+
+    #[test]
+    fn epilogues_blockings_and_edges() {
+        if !available() {
+            eprintln!("int8_gemm: no AVX-512 VNNI here, test skipped");
+            return;
+        }
+        let (m, k, n) = (61, 1001, 211);
+        let mut rng = Rng(7);
+        let (a, w, bias) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n));
+        let b = PackedI8::pack(&w, k, n);
+        let mut want = vec![0f32; m * n];
+        gemm(&a, m, &b, Some(&bias), &mut want);
+        for blk in [(1, 8, 64, 1), (7, 16, 128, 3), (100, 24, 64, 8), (500, 1000, 1000, 1)] {
+            let blk = x86::Blocking { kc: blk.0, mc: blk.1, nc: blk.2, tasks_per_thread: blk.3 };
+            let mut c = vec![f32::NAN; m * n];
+            x86::with_blocking(&a, m, &b, Some(&bias), &mut c, blk);
+            // K blocks round once more per block: equal up to f32 rounding.
+            let e = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(e < 1e-4, "{blk:?}: {e}");
+        }
+        // Accumulation: C += a·b + bias.
+        let mut c: Vec<f32> = (0..m * n).map(|i| i as f32 * 1e-3).collect();
+        gemm_ep(&a, m, &b, Some(&bias), &mut c, Epilogue::ACCUMULATE);
+        for (i, (x, y)) in c.iter().zip(&want).enumerate() {
+            assert!((x - (y + i as f32 * 1e-3)).abs() < 1e-4, "accumulate [{i}]");
+        }
+        // An activation after the store.
+        let mut c = vec![0f32; m * n];
+        gemm_ep(&a, m, &b, Some(&bias), &mut c, Epilogue::act(Act::Relu));
+        assert!(c.iter().zip(&want).all(|(x, y)| *x == y.max(0.0)));
+        // M = 0, K = 0 (bias only), an all-zero row (bias only).
+        gemm(&[], 0, &b, None, &mut []);
+        let b0 = PackedI8::pack(&[], 0, n);
+        let mut c = vec![f32::NAN; 2 * n];
+        gemm(&[], 2, &b0, Some(&bias), &mut c);
+        assert_eq!(&c[n..], &bias[..]);
+        let mut c = vec![f32::NAN; n];
+        gemm(&vec![0.0; k], 1, &b, Some(&bias), &mut c);
+        assert_eq!(c, bias);
+    }
+
+    #[test]
+    #[should_panic(expected = "not M·K")]
+    fn shape_mismatch_panics() {
+        let b = PackedI8::pack(&[0.0; 6], 2, 3);
+        gemm(&[0.0; 5], 2, &b, None, &mut [0.0; 6]);
+    }
+
+    /// GOP/s of the ViT shapes, int8 against the BF16 kernel, best of 20:
+    /// `cargo test -p magpie-models --release --lib int8_gemm -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_gops() {
+        if !available() || !crate::bf16_gemm::available() {
+            eprintln!("int8_gemm: needs AVX-512 VNNI and BF16, bench skipped");
+            return;
+        }
+        use std::time::Instant;
+        let threads = rayon::current_num_threads();
+        // The peak: 12 independent vpdpbusd chains per thread, registers only.
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        unsafe fn vnni_loop(n: usize) -> i32 {
+            use std::arch::x86_64::*;
+            let (a, b) = (_mm512_set1_epi32(0x0101_0101), _mm512_set1_epi32(0x0102_0304));
+            let mut acc = [_mm512_setzero_si512(); 12];
+            for _ in 0..n {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbusd_epi32(*x, a, b);
+                }
+            }
+            acc.iter().fold(0, |s, x| s ^ _mm512_reduce_add_epi32(*x))
+        }
+        let n = 20_000_000;
+        let peak = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                // SAFETY: available() was checked.
+                let x: i32 = (0..threads).into_par_iter().map(|_| unsafe { vnni_loop(n) }).sum();
+                std::hint::black_box(x);
+                (threads * n * 12 * 128) as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0f64, f64::max);
+        eprintln!("threads: {threads}; GOP/s, best of 20; vpdpbusd peak {peak:.0} GOP/s");
+        eprintln!("{:>5} {:>5} {:>5}  {:>8} {:>8} {:>5}", "M", "K", "N", "int8", "bf16", "ratio");
+        let mut rng = Rng(99);
+        for (m, k, n) in [(257, 1408, 4224), (257, 1408, 1408), (257, 1408, 6144), (257, 6144, 1408), (800, 768, 3072), (32, 768, 768)] {
+            let (a, w, bias) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n));
+            let b = PackedI8::pack(&w, k, n);
+            let bb = crate::bf16_gemm::PackedB::pack(&w, k, n);
+            let mut c = vec![0f32; m * n];
+            let ops = 2.0 * (m * k * n) as f64;
+            let reps = ((2e9 / ops) as usize).clamp(1, 50);
+            let mut best = [f64::MAX; 2];
+            for round in 0..21 {
+                for (which, best) in best.iter_mut().enumerate() {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        if which == 0 {
+                            gemm(&a, m, &b, Some(&bias), &mut c);
+                        } else {
+                            crate::bf16_gemm::gemm(&a, m, &bb, Some(&bias), &mut c);
+                        }
+                    }
+                    if round > 0 {
+                        *best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                    }
+                }
+            }
+            let g = |s: f64| ops / s / 1e9;
+            eprintln!("{m:>5} {k:>5} {n:>5}  {:>8.0} {:>8.0} {:>5.2}  ({:.0}% of the int8 peak)", g(best[0]), g(best[1]), best[1] / best[0], 100.0 * g(best[0]) / peak);
+        }
+    }
+}
