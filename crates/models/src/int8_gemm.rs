@@ -20,9 +20,14 @@
 //!   load, and only the scaling is in f32.
 //!
 //! The error of one output is that of rounding both inputs to 8 bits: relative to the
-//! row's range and the column's largest weight, not to each value, so rows or columns
-//! with one huge outlier lose precision on the others. Use it where the model tolerates
-//! that (BLIP-2's quantized modes); CLIP keeps f32 and BF16.
+//! row's range and the column's largest weight, not to each value. Trained transformers
+//! have a few input channels of huge magnitude in every row (the "outlier features" of
+//! LLM.int8(), Dettmers et al. 2022; "massive activations", Sun et al. 2024), which would
+//! stretch every row's range; so, as LLM.int8() does, the input columns whose largest
+//! value exceeds [`OUTLIER_RATIO`] times the median column's (at most [`MAX_OUTLIERS`] of
+//! them, found at every call) are left out of the int8 product and added in f32 with the
+//! dequantized weights, in the micro-kernel's store. Use it where the model tolerates
+//! 8-bit inputs (BLIP-2's quantized modes); CLIP keeps f32 and BF16.
 //!
 //! # Layouts
 //!
@@ -110,6 +115,30 @@ pub fn quantize_value(x: f32, inv: f32, z: i32) -> u8 {
     ((x * inv).round_ties_even() as i32 + z).clamp(0, 255) as u8
 }
 
+/// An input column is an outlier when its largest |value| exceeds this many times the
+/// median column's largest.
+pub const OUTLIER_RATIO: f32 = 8.0;
+/// At most this many outlier columns per call (the largest), and none when K < 64.
+pub const MAX_OUTLIERS: usize = 16;
+
+/// The outlier columns (ascending) for the column maxima `colmax`: see the module docs.
+pub fn outlier_columns(colmax: &[f32]) -> Vec<usize> {
+    let k = colmax.len();
+    if k < 64 {
+        return Vec::new();
+    }
+    let mut sorted = colmax.to_vec();
+    let (_, median, _) = sorted.select_nth_unstable_by(k / 2, |a, b| a.total_cmp(b));
+    let limit = *median * OUTLIER_RATIO;
+    let mut out: Vec<usize> = (0..k).filter(|&c| colmax[c] > limit).collect();
+    if out.len() > MAX_OUTLIERS {
+        out.sort_by(|&a, &b| colmax[b].total_cmp(&colmax[a]));
+        out.truncate(MAX_OUTLIERS);
+        out.sort_unstable();
+    }
+    out
+}
+
 /// A K × N weight in int8, in the micro-kernel's layout (see the module docs).
 pub struct PackedI8 {
     k: usize,
@@ -185,6 +214,16 @@ impl PackedI8 {
     pub fn get(&self, kk: usize, j: usize) -> (i8, f32) {
         let w = words(&self.data)[(j / NR) * self.kq * NR + (kk / 4) * NR + j % NR];
         (w.to_le_bytes()[kk % 4] as i8, self.scale[j])
+    }
+
+    /// Row `kk` of the dequantized weight, `s_w[j] · q_w[kk][j]` for every column of the
+    /// panels (zero past N), into `out`.
+    fn dequantized_row(&self, kk: usize, out: &mut [f32]) {
+        let d = words(&self.data);
+        for (j, o) in out.iter_mut().enumerate() {
+            let w = d[(j / NR) * self.kq * NR + (kk / 4) * NR + j % NR];
+            *o = self.scale[j] * (w.to_le_bytes()[kk % 4] as i8) as f32;
+        }
     }
 
     fn panel(&self, jp: usize) -> &[u32] {
@@ -266,6 +305,13 @@ mod x86 {
     struct First {
         bias: Option<*const f32>,
         accumulate: bool,
+        /// The outlier columns' part: `no` columns, their values for the tile's rows
+        /// (`xo`, rows `no` apart) and dequantized weights for its columns (`wo`, rows
+        /// `ldw` apart).
+        no: usize,
+        xo: *const f32,
+        wo: *const f32,
+        ldw: usize,
     }
 
     /// [`super::gemm_ep`] with a given blocking; shapes already checked.
@@ -284,17 +330,61 @@ mod x86 {
         }
         q.scale.resize(m, 0.0);
         q.zs.resize(m, 0.0);
+        let rows_per_chunk = (16384 / lda).clamp(1, m.div_ceil(2).max(1));
+        // Pass 1: each row's range (kept in `scale`/`zs` for now) and the column maxima.
+        let colmax = q
+            .scale
+            .par_chunks_mut(rows_per_chunk)
+            .zip(q.zs.par_chunks_mut(rows_per_chunk))
+            .enumerate()
+            .map(|(ci, (lo, hi))| {
+                let mut mx = vec![0f32; k];
+                for ri in 0..lo.len() {
+                    let i = ci * rows_per_chunk + ri;
+                    // SAFETY: the caller vouches for the CPU features.
+                    (lo[ri], hi[ri]) = unsafe { range_and_column_maxima(&a[i * k..(i + 1) * k], &mut mx) };
+                }
+                mx
+            })
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a = a.max(*b));
+                a
+            })
+            .unwrap_or_default();
+        // Outlier columns: their values (M × no) and dequantized weight rows (no × panels·NR).
+        let outliers = outlier_columns(&colmax);
+        let no = outliers.len();
+        let ldw = n.div_ceil(NR) * NR;
+        let xo: Vec<f32> = (0..m).flat_map(|i| outliers.iter().map(move |&c| a[i * k + c])).collect();
+        let mut wo = vec![0f32; no * ldw];
+        for (o, &c) in outliers.iter().enumerate() {
+            b.dequantized_row(c, &mut wo[o * ldw..(o + 1) * ldw]);
+        }
+        // Pass 2: quantize, each row over its range; with outliers, a copy of the row with
+        // them zeroed and its range anew (0 quantizes to exactly z: they add nothing to
+        // the integer sums).
         {
-            let rows_per_chunk = (16384 / lda).clamp(1, m.div_ceil(2).max(1));
             let rows = &mut q.rows[..m * lda / 16];
             rows.par_chunks_mut(rows_per_chunk * lda / 16)
                 .zip(q.scale.par_chunks_mut(rows_per_chunk).zip(q.zs.par_chunks_mut(rows_per_chunk)))
                 .enumerate()
                 .for_each(|(ci, (chunk, (scale, zs)))| {
+                    let mut copy = if no > 0 { vec![0f32; k] } else { Vec::new() };
+                    let mut unused = if no > 0 { vec![0f32; k] } else { Vec::new() };
                     for (ri, row) in words_mut(chunk).chunks_mut(lda).enumerate() {
                         let i = ci * rows_per_chunk + ri;
-                        // SAFETY: the caller vouches for the CPU features.
-                        let (s, z) = unsafe { quantize_row(&a[i * k..(i + 1) * k], row) };
+                        let mut x = &a[i * k..(i + 1) * k];
+                        let (mut lo, mut hi) = (scale[ri], zs[ri]);
+                        if no > 0 {
+                            copy.copy_from_slice(x);
+                            outliers.iter().for_each(|&c| copy[c] = 0.0);
+                            x = &copy;
+                            // SAFETY: as above.
+                            (lo, hi) = unsafe { range_and_column_maxima(x, &mut unused) };
+                        }
+                        let (s, z) = params_from_range(lo, hi);
+                        // SAFETY: as above.
+                        unsafe { quantize_row(x, row, s, z) };
                         scale[ri] = s;
                         zs[ri] = s * z as f32;
                     }
@@ -307,17 +397,26 @@ mod x86 {
         let (mt, nt) = task_grid(m, MR, pn, NR, blk.mc, blk.nc, blk.tasks_per_thread);
         let cptr = SendPtr(c.as_mut_ptr());
         let bias = bias.map(|b| b.as_ptr() as usize);
+        let outl = Outliers { no, xo: &xo, wo: &wo, ldw };
         (0..mt * nt).into_par_iter().for_each(|t| {
             let (g, h) = (t / nt, t % nt);
             let rows = (g * rt / mt * MR, ((g + 1) * rt / mt * MR).min(m));
             let panels = (h * pn / nt, (h + 1) * pn / nt);
             // SAFETY: the caller vouches for the CPU features; the task writes its rows ×
             // panels of C only, which no other task touches.
-            unsafe { task(aq, lda, sa, zs, b, bias.map(|p| p as *const f32), cptr.get(), n, rows, panels, kc, ep) };
+            unsafe { task(aq, lda, sa, zs, b, bias.map(|p| p as *const f32), &outl, cptr.get(), n, rows, panels, kc, ep) };
         });
         if q.rows.len() * 64 <= SCRATCH_KEEP {
             SCRATCH.set(q);
         }
+    }
+
+    /// The outlier columns of one call: `xo` M × `no`, `wo` `no` × `ldw`.
+    struct Outliers<'a> {
+        no: usize,
+        xo: &'a [f32],
+        wo: &'a [f32],
+        ldw: usize,
     }
 
     /// One task: C[rows, panels] over all of K.
@@ -330,6 +429,7 @@ mod x86 {
         zs: &[f32],
         b: &PackedI8,
         bias: Option<*const f32>,
+        outl: &Outliers,
         c: *mut f32,
         ldc: usize,
         (m0, m1): (usize, usize),
@@ -346,7 +446,6 @@ mod x86 {
                 let bp = b.panel(jp).as_ptr().add(k0 * NR);
                 let j = jp * NR;
                 let cols = NR.min(n - j);
-                let first = (k0 == 0).then_some(First { bias: bias.map(|p| p.add(j)), accumulate: ep.accumulate });
                 let (sw, ws) = (b.scale.as_ptr().add(j), b.wsum.as_ptr().add(j));
                 let mut i = m0;
                 while i < m1 {
@@ -354,6 +453,14 @@ mod x86 {
                     let ap = aq.as_ptr().add(i * lda + k0);
                     let cp = c.add(i * ldc + j);
                     let (ra, rz) = (sa.as_ptr().add(i), zs.as_ptr().add(i));
+                    let first = (k0 == 0).then(|| {
+                        let (xo, wo) = if outl.no > 0 {
+                            (outl.xo.as_ptr().add(i * outl.no), outl.wo.as_ptr().add(j))
+                        } else {
+                            (std::ptr::null(), std::ptr::null())
+                        };
+                        First { bias: bias.map(|p| p.add(j)), accumulate: ep.accumulate, no: outl.no, xo, wo, ldw: outl.ldw }
+                    });
                     match rows {
                         6 => kernel::<6>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
                         5 => kernel::<5>(kn, ap, lda, bp, cp, ldc, cols, ra, rz, sw, ws, first),
@@ -440,6 +547,10 @@ mod x86 {
                         if let Some(bias) = f.bias {
                             base = _mm512_add_ps(base, load(bias.add(v * 16), v));
                         }
+                        for o in 0..f.no {
+                            let x = _mm512_set1_ps(*f.xo.add(r * f.no + o));
+                            base = _mm512_fmadd_ps(x, _mm512_loadu_ps(f.wo.add(o * f.ldw + v * 16)), base);
+                        }
                         _mm512_fnmadd_ps(z, wsv[v], base)
                     }
                 };
@@ -453,13 +564,11 @@ mod x86 {
         }
     }
 
-    /// One row of A to u8 quads (zeros past the row's end, which the zero weights of the
-    /// padding ignore anyway) and its `(s_a, z)`, as [`row_params`] and [`quantize_value`]
-    /// compute them.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn quantize_row(x: &[f32], out: &mut [u32]) -> (f32, i32) {
+    /// The range of row `x`, widened to include 0, and `colmax[c] = max(colmax[c], |x[c]|)`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn range_and_column_maxima(x: &[f32], colmax: &mut [f32]) -> (f32, f32) {
         let k = x.len();
-        debug_assert!(out.len() * 4 >= k && out.len().is_multiple_of(16));
+        debug_assert!(colmax.len() >= k);
         let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut kk = 0;
         while kk < k {
@@ -467,9 +576,19 @@ mod x86 {
             let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(kk));
             lo = _mm512_min_ps(lo, v);
             hi = _mm512_max_ps(hi, v);
+            let cm = colmax.as_mut_ptr().add(kk);
+            _mm512_mask_storeu_ps(cm, m, _mm512_max_ps(_mm512_maskz_loadu_ps(m, cm), _mm512_abs_ps(v)));
             kk += 16;
         }
-        let (scale, z) = params_from_range(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+    }
+
+    /// One row of A to u8 quads with `(s_a, z)` (zeros past the row's end, which the zero
+    /// weights of the padding ignore anyway), as [`quantize_value`] computes them.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quantize_row(x: &[f32], out: &mut [u32], scale: f32, z: i32) {
+        let k = x.len();
+        debug_assert!(out.len() * 4 >= k && out.len().is_multiple_of(16));
         let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
         let zv = _mm512_set1_epi32(z);
         let bytes = out.as_mut_ptr() as *mut u8;
@@ -493,7 +612,6 @@ mod x86 {
         }
         // Zero the rest of the row (the last quad's unused bytes and the padding).
         std::slice::from_raw_parts_mut(bytes.add(k), out.len() * 4 - k).fill(0);
-        (scale, z)
     }
 
     fn mask16(lanes: usize) -> u16 {
@@ -527,27 +645,52 @@ mod tests {
         }
     }
 
+    /// The largest |value| of each of the K columns of the M × K matrix `a` (what the
+        /// kernel's first pass computes along with the row ranges).
+    fn column_maxima(a: &[f32], m: usize, k: usize) -> Vec<f32> {
+        if k == 0 {
+            return Vec::new();
+        }
+        let rows_per = (16384 / k).max(1);
+        a[..m * k]
+            .par_chunks(rows_per * k)
+            .map(|rows| {
+                let mut mx = vec![0f32; k];
+                for row in rows.chunks_exact(k) {
+                    mx.iter_mut().zip(row).for_each(|(m, v)| *m = m.max(v.abs()));
+                }
+                mx
+            })
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a = a.max(*b));
+                a
+            })
+            .unwrap_or_else(|| vec![0.0; k])
+    }
+
     /// What the kernel computes, in f64 from the same quantized values: bias + s_a s_w
-    /// (Σ q_a q_w − z Σ q_w), the sums exact.
+    /// (Σ q_a q_w − z Σ q_w), the sums exact, the outlier columns' part apart.
     fn reference_quantized(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>) -> Vec<f64> {
         let (k, n) = (b.k(), b.n());
+        let outliers = outlier_columns(&column_maxima(a, m, k));
         let mut c = vec![0f64; m * n];
         for i in 0..m {
-            let row = &a[i * k..(i + 1) * k];
-            let (s, z) = row_params(row);
+            let mut row = a[i * k..(i + 1) * k].to_vec();
+            outliers.iter().for_each(|&o| row[o] = 0.0);
+            let (s, z) = row_params(&row);
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
             let qa: Vec<i64> = row.iter().map(|&x| quantize_value(x, inv, z) as i64).collect();
             for j in 0..n {
                 let (mut dot, mut sum) = (0i64, 0i64);
-                let mut sw = 0f32;
+                let sw = if k > 0 { b.get(0, j).1 } else { 0.0 };
                 for (kk, &qa) in qa.iter().enumerate() {
-                    let (q, s) = b.get(kk, j);
+                    let q = b.get(kk, j).0;
                     dot += qa * q as i64;
                     sum += q as i64;
-                    sw = s;
                 }
                 let bj = bias.map_or(0.0, |b| b[j] as f64);
-                c[i * n + j] = bj + s as f64 * sw as f64 * (dot - z as i64 * sum) as f64;
+                let outl: f64 = outliers.iter().map(|&o| a[i * k + o] as f64 * sw as f64 * b.get(o, j).0 as f64).sum();
+                c[i * n + j] = bj + outl + s as f64 * sw as f64 * (dot - z as i64 * sum) as f64;
             }
         }
         c
@@ -653,6 +796,57 @@ mod tests {
             }
         }
         eprintln!("int8_gemm: worst relative error against unquantized {worst:.2e}");
+    }
+
+    #[test]
+    fn outlier_columns_are_kept_out_of_the_int8_product() {
+        if !available() {
+            eprintln!("int8_gemm: no AVX-512 VNNI here, test skipped");
+            return;
+        }
+        let (m, k, n) = (37, 1001, 130);
+        let mut rng = Rng(0x0071_1e55);
+        let mut a = rng.vec(m * k);
+        let cols = [3usize, 100, 517, 1000];
+        for i in 0..m {
+            for (t, &c) in cols.iter().enumerate() {
+                a[i * k + c] *= 40.0 + 10.0 * t as f32;
+            }
+        }
+        let colmax = column_maxima(&a, m, k);
+        assert_eq!(outlier_columns(&colmax), cols);
+        // Beyond MAX_OUTLIERS, the largest are kept.
+        let mut many = vec![1f32; 200];
+        (0..40).for_each(|c| many[c * 5] = 100.0 + c as f32);
+        let kept = outlier_columns(&many);
+        assert_eq!(kept, (24..40).map(|c| c * 5).collect::<Vec<_>>());
+        assert!(outlier_columns(&[1.0, 100.0, 1.0]).is_empty(), "none for K < 64");
+
+        let (w, bias) = (rng.vec(k * n), rng.vec(n));
+        let b = PackedI8::pack(&w, k, n);
+        let mut c = vec![f32::NAN; m * n];
+        gemm(&a, m, &b, Some(&bias), &mut c);
+        let q = reference_quantized(&a, m, &b, Some(&bias));
+        let scale = q.iter().fold(1e-30f64, |s, v| s.max(v.abs()));
+        for (idx, (x, y)) in c.iter().zip(&q).enumerate() {
+            assert!((*x as f64 - y).abs() <= 2e-6 * scale, "c[{idx}] {x} vs {y}");
+        }
+        // As close to f32 as without the outliers: their columns cost the others nothing.
+        let err = rel_err(&c, &reference_f64(&a, m, &w, k, n, Some(&bias)));
+        assert!(err < 1e-2, "relative error {err} against f32");
+        // A per-row range over the outliers too would be ~40x coarser.
+        let mut plain = vec![0f64; m * n];
+        for i in 0..m {
+            let row = &a[i * k..(i + 1) * k];
+            let (s, z) = row_params(row);
+            let qa: Vec<f64> = row.iter().map(|&x| (quantize_value(x, 1.0 / s, z) as i32 - z) as f64 * s as f64).collect();
+            for j in 0..n {
+                plain[i * n + j] = bias[j] as f64 + (0..k).map(|kk| qa[kk] * w[kk * n + j] as f64).sum::<f64>();
+            }
+        }
+        let plain: Vec<f32> = plain.iter().map(|&v| v as f32).collect();
+        let plain_err = rel_err(&plain, &reference_f64(&a, m, &w, k, n, Some(&bias)));
+        assert!(plain_err > 5.0 * err, "without the outlier columns apart: {plain_err}, with: {err}");
     }
 
     #[test]
