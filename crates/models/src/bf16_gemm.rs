@@ -102,7 +102,7 @@ pub fn bf16_to_f32(x: u16) -> f32 {
 /// then never straddle two lines).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u32; 16]);
+pub(crate) struct Line(pub(crate) [u32; 16]);
 
 /// A K × N weight in bf16, in the micro-kernel's layout (see the module docs).
 pub struct PackedB {
@@ -189,12 +189,12 @@ impl PackedB {
     }
 }
 
-fn lines_as_words(lines: &[Line]) -> &[u32] {
+pub(crate) fn lines_as_words(lines: &[Line]) -> &[u32] {
     // SAFETY: Line is 16 u32 with no padding.
     unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u32, lines.len() * 16) }
 }
 
-fn lines_as_words_mut(lines: &mut [Line]) -> &mut [u32] {
+pub(crate) fn lines_as_words_mut(lines: &mut [Line]) -> &mut [u32] {
     // SAFETY: Line is 16 u32 with no padding.
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * 16) }
 }
@@ -243,15 +243,15 @@ pub fn gemm_ep(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::*;
     use crate::cpu::gemm::x86::{col_masks, init_tile, store_tile};
     use std::arch::x86_64::*;
 
-    /// Cache blocking of one call; see the module docs.
+    /// Cache blocking of one call; see the module docs. Shared with the int8 kernel.
     #[derive(Clone, Copy, Debug)]
-    pub(super) struct Blocking {
-        /// k pairs per K block.
+    pub(crate) struct Blocking {
+        /// k words (pairs here, quads for int8) per K block.
         pub kc: usize,
         /// Rows per task (rounded to the micro-tile).
         pub mc: usize,
@@ -535,7 +535,7 @@ mod x86 {
         }
     }
 
-    fn mask16(lanes: usize) -> u16 {
+    pub(crate) fn mask16(lanes: usize) -> u16 {
         ((1u32 << lanes.min(16)) - 1) as u16
     }
 }
