@@ -45,8 +45,9 @@ struct Global {
     #[arg(long, global = true, env = "MAGPIE_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL, value_name = "DIR|ID")]
     caption_model: String,
     /// How BLIP-2 is held and computed: auto (q8_0 on a CPU, f16 on a GPU), f32, f16,
-    /// bf16, or the language model quantized to q8_0, q6_k, q5_k or q4_k (smaller and
-    /// faster, slightly different text; see the README).
+    /// bf16, or the language model quantized to q8_0, q6_k, q5_k or q4_k, and then on a
+    /// CPU the vision encoder on int8 kernels too (smaller and faster, slightly different
+    /// text; see the README).
     #[arg(long, global = true, env = "MAGPIE_CAPTION_PRECISION", default_value = "auto", value_name = "PRECISION", value_parser = parse_precision)]
     caption_precision: PrecisionArg,
     /// Where models run: auto, cpu, cuda or cuda:N.
