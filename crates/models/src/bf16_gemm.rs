@@ -415,8 +415,18 @@ pub(crate) mod x86 {
             }
             k0 += kn;
         }
+        activate_task(ep, c, ldc, (m0, m1), (p0 * nr, (p1 * nr).min(n)));
+    }
+
+    /// The epilogue's activation over a finished task's rows × columns of C (shared with
+    /// the int8 kernel; nothing to do when accumulating or without an activation).
+    ///
+    /// # Safety
+    /// AVX-512 F present; rows `m0..m1`, columns `j0..j1` of C (rows `ldc` apart) are
+    /// writable and touched by no one else.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn activate_task(ep: Epilogue, c: *mut f32, ldc: usize, (m0, m1): (usize, usize), (j0, j1): (usize, usize)) {
         if ep.act != Act::None && !ep.accumulate {
-            let (j0, j1) = (p0 * nr, (p1 * nr).min(n));
             for i in m0..m1 {
                 activate(Isa::Avx512, ep.act, std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0));
             }

@@ -49,8 +49,6 @@
 
 use crate::bf16_gemm::{lines_as_words as words, lines_as_words_mut as words_mut, Line};
 use crate::cpu::gemm::{task_grid, Epilogue, SendPtr};
-use crate::cpu::math::{activate, Act};
-use crate::cpu::Isa;
 use rayon::prelude::*;
 
 /// Columns of a packed B panel, and of the micro-kernel's tile: 4 zmm vectors.
@@ -247,7 +245,7 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedI8, bias: Option<&[f32]>, c: &mut [f3
 mod x86 {
     use super::*;
     pub(super) use crate::bf16_gemm::x86::Blocking;
-    use crate::bf16_gemm::x86::mask16;
+    use crate::bf16_gemm::x86::{activate_task, mask16};
     use crate::cpu::gemm::x86::col_masks;
     use std::arch::x86_64::*;
 
@@ -452,12 +450,7 @@ mod x86 {
             }
             k0 += kn;
         }
-        if ep.act != Act::None && !ep.accumulate {
-            let (j0, j1) = (p0 * NR, (p1 * NR).min(n));
-            for i in m0..m1 {
-                activate(Isa::Avx512, ep.act, std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0));
-            }
-        }
+        activate_task(ep, c, ldc, (m0, m1), (p0 * NR, (p1 * NR).min(n)));
     }
 
     /// The micro-kernel: the integer sums of A[0..R, kn quads] · B panel[kn quads], scaled
@@ -601,6 +594,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::math::Act;
 
     /// xorshift64*, uniform in [-1, 1).
     struct Rng(u64);
