@@ -60,6 +60,19 @@ def main():
         image_token_index=image_id,
     )
     model = Blip2ForConditionalGeneration(cfg).eval()
+    # Blip2VisionConfig's initializer_range is 1e-10: its layers would add nothing to the
+    # residual stream, which is fine for timing but hides every numerical error. Give the
+    # vision tower's weights N(0, 1/fan_in) and its embeddings unit scale instead, so that
+    # precision probes on these checkpoints mean something.
+    with torch.no_grad():
+        for name, p in model.vision_model.named_parameters():
+            if name.endswith(".weight") and p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.normal_(0.0, fan_in ** -0.5)
+            elif "embedding" in name:
+                p.normal_(0.0, 1.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True, max_shard_size="2GB")
     BlipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(args.out)
