@@ -551,11 +551,11 @@ pub(crate) mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// xorshift64*, uniform in [-1, 1).
-    struct Rng(u64);
+    /// xorshift64*, uniform in [-1, 1). Shared with the int8 kernel's tests.
+    pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
         fn f32(&mut self) -> f32 {
             self.0 ^= self.0 >> 12;
@@ -564,7 +564,7 @@ mod tests {
             let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
             ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
-        fn vec(&mut self, len: usize) -> Vec<f32> {
+        pub(crate) fn vec(&mut self, len: usize) -> Vec<f32> {
             (0..len).map(|_| self.f32()).collect()
         }
     }
@@ -624,7 +624,7 @@ mod tests {
         c
     }
 
-    fn rel_err(c: &[f32], reference: &[f64]) -> f64 {
+    pub(crate) fn rel_err(c: &[f32], reference: &[f64]) -> f64 {
         let (mut num, mut den) = (0f64, 0f64);
         for (c, r) in c.iter().zip(reference) {
             num += (*c as f64 - r) * (*c as f64 - r);

@@ -594,22 +594,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bf16_gemm::tests::{rel_err, Rng};
     use crate::cpu::math::Act;
-
-    /// xorshift64*, uniform in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn f32(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, len: usize) -> Vec<f32> {
-            (0..len).map(|_| self.f32()).collect()
-        }
-    }
 
     /// The largest |value| of each of the K columns of the M × K matrix `a` (what the
         /// kernel's first pass computes along with the row ranges).
@@ -671,12 +657,6 @@ mod tests {
             }
         }
         c
-    }
-
-    fn rel_err(c: &[f32], r: &[f64]) -> f64 {
-        let num: f64 = c.iter().zip(r).map(|(c, r)| (*c as f64 - r).powi(2)).sum();
-        let den: f64 = r.iter().map(|r| r * r).sum();
-        (num / den.max(1e-300)).sqrt()
     }
 
     #[test]
