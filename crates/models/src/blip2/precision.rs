@@ -15,7 +15,7 @@ use std::str::FromStr;
 /// | `f32`  | f32            | f32                  | 15.5 GB          |
 /// | `f16`  | f16            | f16                  | 7.8 GB           |
 /// | `bf16` | bf16           | bf16                 | 7.8 GB           |
-/// | `q8_0` | f32 weights, int8 kernel | 8.5-bit blocks | ≈ 7.5 GB         |
+/// | `q8_0` | f32 weights, int8 kernel | 8.5-bit blocks | ≈ 5.5 GB measured |
 /// | `q6_k` | as `q8_0`      | 6.6-bit blocks       | ≈ 6.9 GB         |
 /// | `q4_k` | as `q8_0`      | 4.5-bit (head 6.6)   | ≈ 6.3 GB         |
 ///
