@@ -181,4 +181,62 @@ fn main() {
         "",
         full_pipe.as_secs_f64() / reduced_pipe.as_secs_f64()
     );
+
+    // What each reduction does to the pixels the model sees: the 224 resize of a reduced
+    // decode against the 224 resize of the full-size one, in 8-bit levels.
+    let resized = |img: &image::DynamicImage| {
+        let (w, h) = img.dimensions();
+        let (nw, nh) = if w < h {
+            (224, (h as u64 * 224 / w as u64) as u32)
+        } else {
+            ((w as u64 * 224 / h as u64) as u32, 224)
+        };
+        img.resize_exact(nw, nh, image::imageops::FilterType::CatmullRom)
+            .to_rgb8()
+    };
+    let reference = resized(
+        &decode_bytes(&bytes, &DecodeOptions::default(), "x")
+            .unwrap()
+            .image,
+    );
+    let mut d = jpeg_decoder::Decoder::new(&bytes[..]);
+    d.read_info().unwrap();
+    let i = d.info().unwrap();
+    let (w, h) = d.scale(i.width / 4, i.height / 4).unwrap();
+    let quarter = image::RgbImage::from_raw(w as u32, h as u32, d.decode().unwrap());
+    let candidates = [
+        (
+            "min_side 224 path",
+            Some(
+                decode_bytes(&bytes, &DecodeOptions::for_model(224), "x")
+                    .unwrap()
+                    .image,
+            ),
+        ),
+        (
+            "jpeg-decoder 1/4",
+            quarter.map(image::DynamicImage::ImageRgb8),
+        ),
+    ];
+    for (label, img) in candidates {
+        let Some(img) = img else { continue };
+        let r = resized(&img);
+        if r.dimensions() != reference.dimensions() {
+            println!(
+                "{label}: resized to {:?}, reference {:?}",
+                r.dimensions(),
+                reference.dimensions()
+            );
+            continue;
+        }
+        let diffs: Vec<f64> = r
+            .as_raw()
+            .iter()
+            .zip(reference.as_raw())
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        let max = diffs.iter().cloned().fold(0.0, f64::max);
+        println!("{label:<44} vs full decode at 224: mean |Δ| {mean:.2}, max {max:.0} levels");
+    }
 }

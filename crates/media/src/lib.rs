@@ -3,10 +3,10 @@
 //! It owns format detection by content ([`sniff`]; extensions are never trusted), the
 //! decompression-bomb guard ([`DecodeOptions::max_pixels`], checked against the header
 //! before any pixel buffer exists), EXIF ([`ExifInfo`]: time, camera, GPS, orientation —
-//! which is applied to the pixels), reduced-scale JPEG decoding through the DCT for images
-//! that only feed a model ([`DecodeOptions::min_side`]), the colour conversion the models
-//! expect ([`to_rgb8`]) and small JPEG thumbnails ([`thumbnail`]). Every error names the
-//! file, so the engine can record it and move on.
+//! which is applied to the pixels), reduced-scale JPEG decoding (DC coefficients only, or
+//! through the DCT) for images that only feed a model ([`DecodeOptions::min_side`]), the
+//! colour conversion the models expect ([`to_rgb8`]) and small JPEG thumbnails
+//! ([`thumbnail`]). Every error names the file, so the engine can record it and move on.
 //!
 //! ```
 //! use magpie_media::{decode_bytes, to_rgb8, DecodeOptions, Format};
@@ -30,6 +30,7 @@
 mod error;
 mod exif;
 mod jpeg;
+mod jpeg_dc;
 mod sniff;
 
 use std::borrow::Cow;
@@ -61,9 +62,11 @@ pub struct DecodeOptions {
     /// Refuse images whose header declares more pixels than this (width × height).
     pub max_pixels: u64,
     /// The shorter side the caller will resize to (a model's input side). When set, a
-    /// large JPEG is decoded at 1/2, 1/4 or 1/8 scale through the DCT, keeping its shorter
-    /// side ≥ 2·`min_side` (see [`reduction_for`]). Other formats always decode at full
-    /// size. `None`: full size always (thumbnails of originals, viewers).
+    /// large JPEG is decoded at reduced scale: at 1/8 from its DC coefficients alone (each
+    /// pixel the exact mean of its 8×8 block) when that keeps the shorter side ≥
+    /// `min_side`, otherwise at 1/2 or 1/4 through the DCT keeping it ≥ 2·`min_side` (see
+    /// [`reduction_for`]). Other formats always decode at full size. `None`: full size
+    /// always (thumbnails of originals, viewers).
     pub min_side: Option<u32>,
 }
 
@@ -220,6 +223,16 @@ fn decode_pixels(
     opts.check_pixels(width, height, path)?;
 
     if format == Format::Jpeg {
+        // Shorter side still ≥ the model's at 1/8: one pixel per block, from the DC
+        // coefficients alone (a box filter, so no aliasing for the resize that follows).
+        if opts
+            .min_side
+            .is_some_and(|s| width.min(height).div_ceil(8) >= s)
+        {
+            if let Some(image) = jpeg_dc::decode_dc(bytes) {
+                return Ok((image, (width, height)));
+            }
+        }
         if let Some(denom) = opts.min_side.and_then(|s| reduction_for(width, height, s)) {
             let max_alloc = usize::try_from(opts.max_alloc()).unwrap_or(usize::MAX);
             if let Some(image) = jpeg::decode_scaled(bytes, denom, max_alloc) {

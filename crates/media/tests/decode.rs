@@ -198,47 +198,80 @@ fn pixel_limit_is_configurable() {
 // ------------------------------------------------------------------ reduced-scale JPEG
 
 #[test]
-fn reduced_scale_jpeg_keeps_twice_min_side() {
+fn reduced_scale_jpeg_keeps_min_side() {
     let full_img = textured(1600, 1200, 4);
     let jpeg = encode_jpeg(&full_img, 92);
     let full = decode_bytes(&jpeg, &opts(), "big.jpg").unwrap();
     assert_eq!(full.image.dimensions(), (1600, 1200));
 
-    // 1200/8 = 150 < 200, 1200/4 = 300 ≥ 200: a quarter.
-    let reduced = decode_bytes(&jpeg, &DecodeOptions::for_model(100), "big.jpg").unwrap();
-    assert_eq!(reduced.image.dimensions(), (400, 300));
-    assert_eq!((reduced.meta.width, reduced.meta.height), (1600, 1200));
-    let (w, h) = reduced.image.dimensions();
-    assert!(w.min(h) >= 2 * 100 && w <= 1600 && h <= 1200);
-
-    // 1200/8 = 150 ≥ 2·75: an eighth.
-    let eighth = decode_bytes(&jpeg, &DecodeOptions::for_model(75), "big.jpg").unwrap();
+    // 1200/8 = 150 ≥ 150: an eighth, from the DC coefficients.
+    let eighth = decode_bytes(&jpeg, &DecodeOptions::for_model(150), "big.jpg").unwrap();
     assert_eq!(eighth.image.dimensions(), (200, 150));
+    assert_eq!((eighth.meta.width, eighth.meta.height), (1600, 1200));
+
+    // 1200/8 = 150 < 151 but 1200/2 = 600 ≥ 2·151: a half, through the DCT. (A quarter
+    // would need 1200/4 ≥ 2·side, which is when an eighth already qualifies.)
+    let half = decode_bytes(&jpeg, &DecodeOptions::for_model(151), "big.jpg").unwrap();
+    assert_eq!(half.image.dimensions(), (800, 600));
 
     // Halving would give 600 < 2·301: full size.
     let fullsize = decode_bytes(&jpeg, &DecodeOptions::for_model(301), "big.jpg").unwrap();
     assert_eq!(fullsize.image.dimensions(), (1600, 1200));
 
-    // The reduced pixels are the full image, box-averaged: compare with a 4×4 mean.
+    // The reduced pixels are the full image, box-averaged: compare with n×n means.
     let f = to_rgb8(&full.image);
-    let r = to_rgb8(&reduced.image);
-    let mut total = 0u64;
-    for (x, y, p) in r.enumerate_pixels() {
-        for c in 0..3 {
-            let mut sum = 0u32;
-            for dy in 0..4 {
-                for dx in 0..4 {
-                    sum += f.get_pixel(4 * x + dx, 4 * y + dy)[c] as u32;
+    for (reduced, n, bound) in [(&eighth, 8, 1.5), (&half, 2, 3.0)] {
+        let r = to_rgb8(&reduced.image);
+        let mut total = 0u64;
+        for (x, y, p) in r.enumerate_pixels() {
+            for c in 0..3 {
+                let mut sum = 0u32;
+                for dy in 0..n {
+                    for dx in 0..n {
+                        sum += f.get_pixel(n * x + dx, n * y + dy)[c] as u32;
+                    }
                 }
+                total +=
+                    ((sum as f64 / (n * n) as f64).round() as u32).abs_diff(p[c] as u32) as u64;
             }
-            total += (sum / 16).abs_diff(p[c] as u32) as u64;
+        }
+        let mean = total as f64 / (r.width() * r.height() * 3) as f64;
+        assert!(
+            mean < bound,
+            "1/{n} decode differs from box-filtered full decode by {mean:.2} on average"
+        );
+    }
+}
+
+#[test]
+fn eighth_scale_covers_what_the_dc_decoder_does_not() {
+    // Progressive JPEGs have no DC-only path; they still reduce, through the DCT, keeping
+    // twice the side.
+    let img = textured(1024, 768, 6).to_rgb8();
+    let mut progressive = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut progressive, 90);
+    enc.set_progressive(true);
+    enc.encode(img.as_raw(), 1024, 768, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    let baseline = encode_jpeg(&DynamicImage::ImageRgb8(img), 90);
+    let p = decode_bytes(&progressive, &DecodeOptions::for_model(96), "p.jpg").unwrap();
+    let b = decode_bytes(&baseline, &DecodeOptions::for_model(96), "b.jpg").unwrap();
+    assert_eq!(p.image.dimensions(), (256, 192));
+    assert_eq!(b.image.dimensions(), (128, 96));
+    // Same picture either way: the baseline eighth against the progressive quarter's 2×2
+    // means.
+    let (p, b) = (to_rgb8(&p.image), to_rgb8(&b.image));
+    let mut diff = 0.0;
+    for (x, y, px) in b.enumerate_pixels() {
+        for c in 0..3 {
+            let q: u32 = (0..4)
+                .map(|i| p.get_pixel(2 * x + i % 2, 2 * y + i / 2)[c] as u32)
+                .sum();
+            diff += (q as f64 / 4.0 - px[c] as f64).abs();
         }
     }
-    let mean = total as f64 / (400.0 * 300.0 * 3.0);
-    assert!(
-        mean < 3.0,
-        "reduced decode differs from box-filtered full decode by {mean:.2} on average"
-    );
+    let mean = diff / (128.0 * 96.0 * 3.0);
+    assert!(mean < 3.0, "{mean}");
 }
 
 #[test]
@@ -246,8 +279,10 @@ fn reduced_scale_applies_orientation_and_reports_full_size() {
     let jpeg = encode_jpeg(&textured(1600, 1200, 5), 90);
     let tiff = exif_block(vec![short(TAG_ORIENTATION, 6)], vec![], vec![]);
     let jpeg = jpeg_with_app1(&jpeg, &tiff);
-    let d = decode_bytes(&jpeg, &DecodeOptions::for_model(100), "rot.jpg").unwrap();
-    assert_eq!(d.image.dimensions(), (300, 400));
+    let d = decode_bytes(&jpeg, &DecodeOptions::for_model(150), "rot.jpg").unwrap();
+    assert_eq!(d.image.dimensions(), (150, 200));
+    let d = decode_bytes(&jpeg, &DecodeOptions::for_model(151), "rot.jpg").unwrap();
+    assert_eq!(d.image.dimensions(), (600, 800));
     assert_eq!((d.meta.width, d.meta.height), (1200, 1600));
     assert_eq!(d.meta.exif.orientation, Some(6));
 }
@@ -275,13 +310,15 @@ fn small_and_grey_jpegs_take_the_right_path() {
             "grey",
         );
     }
-    assert_eq!(
-        decode_bytes(&jpeg, &DecodeOptions::for_model(100), "g.jpg")
-            .unwrap()
-            .image
-            .dimensions(),
-        (200, 200)
-    );
+    for (side, dims) in [(100, (100, 100)), (101, (400, 400))] {
+        assert_eq!(
+            decode_bytes(&jpeg, &DecodeOptions::for_model(side), "g.jpg")
+                .unwrap()
+                .image
+                .dimensions(),
+            dims
+        );
+    }
 }
 
 // ------------------------------------------------------------------------- colour
@@ -513,7 +550,9 @@ fn errors_convert_to_core_errors_with_path() {
 
 /// Committed odd-format fixtures (`scripts/fixtures/make_odd.py`, Pillow).
 fn odd(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/odd").join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/odd")
+        .join(name)
 }
 
 #[test]
@@ -533,5 +572,10 @@ fn animated_webp_uses_its_first_frame() {
     let d = decode_file(&odd("animated.webp"), &opts()).unwrap();
     assert_eq!(d.meta.format, Format::WebP);
     assert_eq!((d.meta.width, d.meta.height), (40, 24));
-    assert_near(to_rgb8(&d.image).get_pixel(20, 12).0, [0, 200, 0], 2, "first frame is green");
+    assert_near(
+        to_rgb8(&d.image).get_pixel(20, 12).0,
+        [0, 200, 0],
+        2,
+        "first frame is green",
+    );
 }

@@ -1,0 +1,1038 @@
+//! DC-only JPEG decoding: the 1/8-scale image of a baseline JPEG, one pixel per 8×8 block.
+//!
+//! A block's DC coefficient is 8× the mean of its 64 samples, so the 1/8-scale image needs
+//! no inverse DCT at all, only the DC coefficients (what libjpeg's `scale_denom = 8` and
+//! Pillow's `draft` compute). The AC coefficients still have to be walked, because
+//! Huffman codes have no byte boundaries, but they are *skipped*: one table lookup gives a
+//! symbol's code length plus its extra bits and how far it moves along the block, and
+//! neither the value nor the coefficient is ever formed. That leaves about a quarter of a
+//! full decoder's entropy-decoding work, and on a 12-megapixel photo it is what makes
+//! decoding cheaper than the embedding it feeds (see `examples/jpeg_speed.rs`).
+//!
+//! Covered: baseline and extended sequential Huffman JPEGs with 8-bit samples, one
+//! interleaved scan holding every component, grey or three components (YCbCr or RGB by
+//! the rules jpeg-decoder applies), any sampling factors, restart intervals. Everything
+//! else (progressive, arithmetic coding, 12-bit, CMYK, multi-scan sequential, a DNL
+//! height, data that ends early or does not parse) returns `None` and the caller uses the
+//! general decoders, which also give the authoritative error.
+
+use image::{DynamicImage, GrayImage, RgbImage};
+
+/// Bits looked up at once. Longer codes take the slow path (rare: real tables give the
+/// frequent symbols short codes).
+const LOOKUP_BITS: u32 = 11;
+
+/// Decodes the 1/8-scale image: ⌈width/8⌉ × ⌈height/8⌉ pixels, each the mean of its block
+/// (chroma interpolated between block centres as libjpeg's fancy upsampling does).
+pub(crate) fn decode_dc(bytes: &[u8]) -> Option<DynamicImage> {
+    let header = Header::parse(bytes)?;
+    let planes = decode_planes(bytes, &header)?;
+    Some(header.to_image(&planes))
+}
+
+/// Natural (row-major) index of each zig-zag position.
+const ZIGZAG: [usize; 64] = [
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
+    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
+    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+];
+
+#[derive(Debug, Clone)]
+struct Component {
+    id: u8,
+    h: usize,
+    v: usize,
+    /// Quantisers in natural order.
+    quant: [i32; 64],
+    /// Output samples per block across and down: 1 (the block's mean, from its DC), or 2
+    /// for a component subsampled 2:1 in that direction, whose half-block means put it at
+    /// the full-resolution components' 1/8 scale (libjpeg scales chroma up through its
+    /// inverse DCT in the same way rather than upsampling it).
+    rh: usize,
+    rv: usize,
+    dc: usize,
+    ac: usize,
+}
+
+impl Component {
+    /// Whether its blocks need coefficient values, not only the DC.
+    fn sub_blocks(&self) -> bool {
+        self.rh > 1 || self.rv > 1
+    }
+}
+
+#[derive(Debug)]
+struct Header {
+    width: usize,
+    height: usize,
+    comps: Vec<Component>,
+    restart_interval: usize,
+    rgb: bool,
+    dc_tables: Vec<Option<Huffman>>,
+    ac_tables: Vec<Option<Huffman>>,
+    /// Offset of the first byte of entropy-coded data.
+    scan_start: usize,
+}
+
+impl Header {
+    fn parse(b: &[u8]) -> Option<Header> {
+        if b.get(..2)? != [0xFF, 0xD8] {
+            return None;
+        }
+        let mut quant: [Option<[i32; 64]>; 4] = [None; 4];
+        let mut dc_tables: Vec<Option<Huffman>> = (0..4).map(|_| None).collect();
+        let mut ac_tables: Vec<Option<Huffman>> = (0..4).map(|_| None).collect();
+        let mut frame: Option<(usize, usize, Vec<(u8, usize, usize, usize)>)> = None;
+        let mut restart_interval = 0;
+        let mut jfif = false;
+        let mut adobe: Option<u8> = None;
+        let mut i = 2;
+        loop {
+            if *b.get(i)? != 0xFF {
+                return None;
+            }
+            while *b.get(i + 1)? == 0xFF {
+                i += 1;
+            }
+            let marker = *b.get(i + 1)?;
+            if matches!(marker, 0x01 | 0xD0..=0xD7) {
+                i += 2;
+                continue;
+            }
+            if matches!(marker, 0xD8 | 0xD9) {
+                return None; // a second SOI, or EOI before any scan
+            }
+            let len = u16::from_be_bytes([*b.get(i + 2)?, *b.get(i + 3)?]) as usize;
+            if len < 2 {
+                return None;
+            }
+            let seg = b.get(i + 4..i + 2 + len)?;
+            match marker {
+                // Baseline and extended sequential, Huffman coded.
+                0xC0 | 0xC1 => {
+                    if frame.is_some() || seg.len() < 6 || seg[0] != 8 {
+                        return None;
+                    }
+                    let height = u16::from_be_bytes([seg[1], seg[2]]) as usize;
+                    let width = u16::from_be_bytes([seg[3], seg[4]]) as usize;
+                    let n = seg[5] as usize;
+                    if width == 0 || height == 0 || !(n == 1 || n == 3) || seg.len() < 6 + 3 * n {
+                        return None;
+                    }
+                    let comps = (0..n)
+                        .map(|c| {
+                            let s = &seg[6 + 3 * c..9 + 3 * c];
+                            (
+                                s[0],
+                                (s[1] >> 4) as usize,
+                                (s[1] & 15) as usize,
+                                s[2] as usize,
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                    if comps.iter().any(|&(_, h, v, t)| {
+                        !(1..=4).contains(&h) || !(1..=4).contains(&v) || t > 3
+                    }) {
+                        return None;
+                    }
+                    frame = Some((width, height, comps));
+                }
+                // Progressive, lossless, hierarchical, arithmetic: not here.
+                0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return None,
+                0xC4 => {
+                    let mut s = seg;
+                    while !s.is_empty() {
+                        let (class, id) = (s[0] >> 4, (s[0] & 15) as usize);
+                        let counts: [u8; 16] = s.get(1..17)?.try_into().ok()?;
+                        let total: usize = counts.iter().map(|&c| c as usize).sum();
+                        let symbols = s.get(17..17 + total)?;
+                        if id > 3 || class > 1 {
+                            return None;
+                        }
+                        let table = Huffman::new(&counts, symbols, class == 1)?;
+                        if class == 0 {
+                            dc_tables[id] = Some(table);
+                        } else {
+                            ac_tables[id] = Some(table);
+                        }
+                        s = &s[17 + total..];
+                    }
+                }
+                0xDB => {
+                    let mut s = seg;
+                    while !s.is_empty() {
+                        let (precision, id) = (s[0] >> 4, (s[0] & 15) as usize);
+                        let size = match precision {
+                            0 => 64,
+                            1 => 128,
+                            _ => return None,
+                        };
+                        let t = s.get(1..1 + size)?;
+                        if id > 3 {
+                            return None;
+                        }
+                        let mut q = [0; 64];
+                        for (k, &n) in ZIGZAG.iter().enumerate() {
+                            q[n] = if precision == 0 {
+                                t[k] as i32
+                            } else {
+                                u16::from_be_bytes([t[2 * k], t[2 * k + 1]]) as i32
+                            };
+                        }
+                        quant[id] = Some(q);
+                        s = &s[1 + size..];
+                    }
+                }
+                0xDD => {
+                    restart_interval = u16::from_be_bytes([*seg.first()?, *seg.get(1)?]) as usize
+                }
+                0xE0 => jfif |= seg.starts_with(b"JFIF\0"),
+                0xEE => {
+                    if seg.len() >= 12 && seg.starts_with(b"Adobe") {
+                        adobe = Some(seg[11]);
+                    }
+                }
+                0xDA => {
+                    let (width, height, fc) = frame?;
+                    let ns = *seg.first()? as usize;
+                    // One scan with every component, in frame order, covering all 64
+                    // coefficients without successive approximation.
+                    if ns != fc.len() || seg.len() < 1 + 2 * ns + 3 {
+                        return None;
+                    }
+                    let (ss, se, a) = (seg[1 + 2 * ns], seg[2 + 2 * ns], seg[3 + 2 * ns]);
+                    if ss != 0 || se != 63 || a != 0 {
+                        return None;
+                    }
+                    let mut comps = Vec::with_capacity(ns);
+                    for (c, &(id, h, v, tq)) in fc.iter().enumerate() {
+                        let (sid, t) = (seg[1 + 2 * c], seg[2 + 2 * c]);
+                        let (dc, ac) = ((t >> 4) as usize, (t & 15) as usize);
+                        if sid != id || dc > 3 || ac > 3 {
+                            return None;
+                        }
+                        dc_tables[dc].as_ref()?;
+                        ac_tables[ac].as_ref()?;
+                        let quant = quant[tq]?;
+                        comps.push(Component {
+                            id,
+                            h,
+                            v,
+                            quant,
+                            rh: 1,
+                            rv: 1,
+                            dc,
+                            ac,
+                        });
+                    }
+                    if comps.len() == 1 {
+                        // A lone component's scan is not interleaved: one block per MCU.
+                        comps[0].h = 1;
+                        comps[0].v = 1;
+                    }
+                    let hmax = comps.iter().map(|c| c.h).max()?;
+                    let vmax = comps.iter().map(|c| c.v).max()?;
+                    for c in &mut comps {
+                        // Other ratios (4:1:1's 4, a 3) interpolate between block means.
+                        c.rh = if hmax == 2 * c.h { 2 } else { 1 };
+                        c.rv = if vmax == 2 * c.v { 2 } else { 1 };
+                    }
+                    let rgb = comps.len() == 3 && {
+                        let ids = [comps[0].id, comps[1].id, comps[2].id];
+                        match ids {
+                            [1, 2, 3] => false,
+                            [82, 71, 66] => true,
+                            [1, 34, 35] | [114, 103, 98] => return None, // big-gamut variants
+                            _ if jfif => false,
+                            _ => adobe == Some(0),
+                        }
+                    };
+                    return Some(Header {
+                        width,
+                        height,
+                        comps,
+                        restart_interval,
+                        rgb,
+                        dc_tables,
+                        ac_tables,
+                        scan_start: i + 2 + len,
+                    });
+                }
+                _ => {}
+            }
+            i += 2 + len;
+        }
+    }
+
+    fn hmax(&self) -> usize {
+        self.comps.iter().map(|c| c.h).max().unwrap_or(1)
+    }
+
+    fn vmax(&self) -> usize {
+        self.comps.iter().map(|c| c.v).max().unwrap_or(1)
+    }
+
+    /// MCUs across and down.
+    fn mcus(&self) -> (usize, usize) {
+        (
+            self.width.div_ceil(8 * self.hmax()),
+            self.height.div_ceil(8 * self.vmax()),
+        )
+    }
+
+    /// A component's output samples that hold image data (not MCU padding), across and
+    /// down.
+    fn samples(&self, c: &Component) -> (usize, usize) {
+        (
+            (self.width * c.h * c.rh).div_ceil(self.hmax()).div_ceil(8),
+            (self.height * c.v * c.rv).div_ceil(self.vmax()).div_ceil(8),
+        )
+    }
+
+    fn to_image(&self, planes: &[Plane]) -> DynamicImage {
+        let (ow, oh) = (self.width.div_ceil(8), self.height.div_ceil(8));
+        if planes.len() == 1 {
+            let p = &planes[0];
+            let mut out = Vec::with_capacity(ow * oh);
+            for y in 0..oh {
+                out.extend_from_slice(&p.data[y * p.stride..y * p.stride + ow]);
+            }
+            return DynamicImage::ImageLuma8(
+                GrayImage::from_raw(ow as u32, oh as u32, out).expect("size"),
+            );
+        }
+        let (hmax, vmax) = (self.hmax(), self.vmax());
+        let taps: Vec<Option<(Vec<Tap>, Vec<Tap>)>> = self
+            .comps
+            .iter()
+            .zip(planes)
+            .map(|(c, p)| {
+                let (fh, fv) = (c.h * c.rh, c.v * c.rv);
+                (fh != hmax || fv != vmax)
+                    .then(|| (taps(ow, fh, hmax, p.w), taps(oh, fv, vmax, p.h)))
+            })
+            .collect();
+        let mut scratch = vec![vec![0u8; ow]; 3];
+        let mut out = vec![0u8; ow * oh * 3];
+        for y in 0..oh {
+            let mut rows: [&[u8]; 3] = [&[]; 3];
+            for (c, (p, scratch)) in planes.iter().zip(scratch.iter_mut()).enumerate() {
+                rows[c] = match &taps[c] {
+                    // At full 1/8 resolution already (4:4:4, and 4:2:0 or 4:2:2 chroma
+                    // through their half-block means).
+                    None => &p.data[y * p.stride..y * p.stride + ow],
+                    Some((tx, ty)) => {
+                        let t = ty[y];
+                        let r0 = &p.data[t.i0 * p.stride..];
+                        let r1 = &p.data[t.i1 * p.stride..];
+                        for (o, s) in scratch.iter_mut().zip(tx) {
+                            let a = r0[s.i0] as f32 * s.w0 + r0[s.i1] as f32 * (1.0 - s.w0);
+                            let b = r1[s.i0] as f32 * s.w0 + r1[s.i1] as f32 * (1.0 - s.w0);
+                            *o = (a * t.w0 + b * (1.0 - t.w0) + 0.5) as u8;
+                        }
+                        scratch
+                    }
+                };
+            }
+            let line = &mut out[y * ow * 3..(y + 1) * ow * 3];
+            let pixels = line
+                .chunks_exact_mut(3)
+                .zip(rows[0].iter().zip(rows[1]).zip(rows[2]));
+            if self.rgb {
+                for (px, ((&r, &g), &b)) in pixels {
+                    px.copy_from_slice(&[r, g, b]);
+                }
+            } else {
+                for (px, ((&y, &cb), &cr)) in pixels {
+                    px.copy_from_slice(&ycbcr_to_rgb(y, cb, cr));
+                }
+            }
+        }
+        DynamicImage::ImageRgb8(RgbImage::from_raw(ow as u32, oh as u32, out).expect("size"))
+    }
+}
+
+/// JFIF's YCbCr → RGB in libjpeg's 16-bit fixed point and rounding.
+#[inline(always)]
+fn ycbcr_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
+    const HALF: i32 = 1 << 15;
+    let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
+    let r = y + ((91_881 * cr + HALF) >> 16);
+    let g = y + ((-22_554 * cb - 46_802 * cr + HALF) >> 16);
+    let b = y + ((116_130 * cb + HALF) >> 16);
+    [
+        r.clamp(0, 255) as u8,
+        g.clamp(0, 255) as u8,
+        b.clamp(0, 255) as u8,
+    ]
+}
+
+/// One output coordinate's two source samples and the first one's weight.
+#[derive(Debug, Clone, Copy)]
+struct Tap {
+    i0: usize,
+    i1: usize,
+    w0: f32,
+}
+
+/// Linear interpolation between the centres of a component's blocks: output pixel `x`
+/// (a full-resolution block) sits at `(x + ½)·f/fmax − ½` in the component's block grid.
+/// For 2:1 this gives libjpeg's "fancy" ¾–¼ weights; for 1:1 the block itself.
+fn taps(n: usize, f: usize, fmax: usize, len: usize) -> Vec<Tap> {
+    (0..n)
+        .map(|x| {
+            if f == fmax {
+                let i = x.min(len - 1);
+                return Tap {
+                    i0: i,
+                    i1: i,
+                    w0: 1.0,
+                };
+            }
+            let pos = ((x as f32 + 0.5) * f as f32 / fmax as f32 - 0.5).max(0.0);
+            let i0 = (pos.floor() as usize).min(len - 1);
+            let i1 = (i0 + 1).min(len - 1);
+            Tap {
+                i0,
+                i1,
+                w0: 1.0 - (pos - i0 as f32).clamp(0.0, 1.0),
+            }
+        })
+        .collect()
+}
+
+/// A component's 1/8-scale samples: `rh`×`rv` per block, MCU padding included.
+struct Plane {
+    data: Vec<u8>,
+    stride: usize,
+    /// Samples holding image data, across and down.
+    w: usize,
+    h: usize,
+}
+
+/// The entropy-coded data with byte stuffing removed, and where each restart interval
+/// starts in it.
+fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
+    out.clear();
+    out.reserve(b.len() + 8);
+    let mut starts = vec![0];
+    let mut i = 0;
+    loop {
+        // Copy up to the next 0xFF, eight bytes at a time while none is 0xFF.
+        let mut j = i;
+        while j + 8 <= b.len() {
+            let w = u64::from_le_bytes(b[j..j + 8].try_into().unwrap());
+            let inv = !w;
+            if (inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080) != 0 {
+                break;
+            }
+            j += 8;
+        }
+        while j < b.len() && b[j] != 0xFF {
+            j += 1;
+        }
+        out.extend_from_slice(&b[i..j]);
+        if j + 1 >= b.len() {
+            break; // ran out without a marker: cut short
+        }
+        match b[j + 1] {
+            0x00 => {
+                out.push(0xFF);
+                i = j + 2;
+            }
+            0xFF => i = j + 1, // fill byte before a marker
+            0xD0..=0xD7 => {
+                starts.push(out.len());
+                i = j + 2;
+            }
+            _ => break, // EOI or another marker ends the scan
+        }
+    }
+    out.extend_from_slice(&[0; 8]);
+    starts
+}
+
+thread_local! {
+    /// The unstuffed scan, kept between images: a fresh multi-megabyte buffer per photo
+    /// costs more in page faults than copying into it.
+    static SCAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Each output sample's weight on each coefficient of its block, quantiser included:
+/// `w[n][j]` for natural index `n` and sample `j = row·rh + column`. A sample is the mean
+/// of the `8/r × 8/r` pixels it covers; the inverse DCT `f(x,y) = Σ C(u)C(v)/4 ·
+/// F(v,u) cos((2x+1)uπ/16) cos((2y+1)vπ/16)` averaged over them leaves only the DC and
+/// odd frequencies.
+fn sample_weights(c: &Component) -> Vec<[f32; 4]> {
+    let axis = |r: usize, a: usize, u: usize| -> f64 {
+        let cu = if u == 0 {
+            std::f64::consts::FRAC_1_SQRT_2
+        } else {
+            1.0
+        };
+        let span = 8 / r;
+        let mean = (a * span..(a + 1) * span)
+            .map(|x| ((2 * x + 1) as f64 * u as f64 * std::f64::consts::PI / 16.0).cos())
+            .sum::<f64>()
+            / span as f64;
+        cu / 2.0 * mean
+    };
+    (0..64)
+        .map(|n| {
+            let (v, u) = (n / 8, n % 8);
+            let mut w = [0f32; 4];
+            for b in 0..c.rv {
+                for a in 0..c.rh {
+                    w[b * c.rh + a] =
+                        (c.quant[n] as f64 * axis(c.rh, a, u) * axis(c.rv, b, v)) as f32;
+                }
+            }
+            w
+        })
+        .collect()
+}
+
+fn decode_planes(bytes: &[u8], hd: &Header) -> Option<Vec<Plane>> {
+    SCAN.with_borrow_mut(|data| {
+        let starts = unstuff(&bytes[hd.scan_start..], data);
+        decode_scan(data, &starts, hd)
+    })
+}
+
+fn decode_scan(data: &[u8], starts: &[usize], hd: &Header) -> Option<Vec<Plane>> {
+    let data_len = data.len() - 8;
+    let (mx, my) = hd.mcus();
+    let mut planes: Vec<Plane> = hd
+        .comps
+        .iter()
+        .map(|c| {
+            let (w, h) = hd.samples(c);
+            let stride = mx * c.h * c.rh;
+            Plane {
+                data: vec![0; stride * my * c.v * c.rv],
+                stride,
+                w,
+                h,
+            }
+        })
+        .collect();
+    let dc: Vec<&Huffman> = hd
+        .comps
+        .iter()
+        .map(|c| hd.dc_tables[c.dc].as_ref().unwrap())
+        .collect();
+    let ac: Vec<&Huffman> = hd
+        .comps
+        .iter()
+        .map(|c| hd.ac_tables[c.ac].as_ref().unwrap())
+        .collect();
+    let weights: Vec<Vec<[f32; 4]>> = hd.comps.iter().map(sample_weights).collect();
+    let total = mx * my;
+    let interval = if hd.restart_interval == 0 {
+        total
+    } else {
+        hd.restart_interval
+    };
+    let mut seg = 0;
+    let mut m = 0;
+    while m < total {
+        let start = *starts.get(seg)?;
+        let end = starts.get(seg + 1).copied().unwrap_or(data_len);
+        let mut r = BitReader::new(data, start);
+        let mut pred = [0i32; 3];
+        for m in m..(m + interval).min(total) {
+            let (bx, by) = (m % mx, m / mx);
+            for (c, comp) in hd.comps.iter().enumerate() {
+                let p = &mut planes[c];
+                for v in 0..comp.v {
+                    let row = (by * comp.v + v) * comp.rv * p.stride + bx * comp.h * comp.rh;
+                    for h in 0..comp.h {
+                        // Wrapping: corrupt data may drift; the clamps below bound it.
+                        pred[c] = pred[c].wrapping_add(r.dc_diff(dc[c])?);
+                        if !comp.sub_blocks() {
+                            r.skip_ac(ac[c])?;
+                            // libjpeg's 1×1 inverse DCT: (DC·q + 4) >> 3, level-shifted.
+                            let s = ((pred[c] as i64 * comp.quant[0] as i64 + 4) >> 3) + 128;
+                            p.data[row + h] = s.clamp(0, 255) as u8;
+                        } else {
+                            let means = r.sample_means(ac[c], pred[c], &weights[c])?;
+                            for b in 0..comp.rv {
+                                for a in 0..comp.rh {
+                                    let s = means[b * comp.rh + a] + 128.5;
+                                    p.data[row + b * p.stride + h * comp.rh + a] =
+                                        s.clamp(0.0, 255.0) as u8;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Reading past the interval's end means its data is missing or corrupt.
+        if r.consumed_bits() > end * 8 {
+            return None;
+        }
+        m += interval;
+        seg += 1;
+    }
+    Some(planes)
+}
+
+/// MSB-first bit reader over unstuffed data padded with 8 zero bytes: the top `bits` bits
+/// of `buf` are the next ones in the stream, and the bits below them already hold what
+/// follows (the next refill ORs in the same values). Refilling is branch-free and leaves
+/// ≥ 56 bits: enough for one symbol of any length (≤ 16 code bits + ≤ 15 extra bits) or
+/// for two lookups of the skip table (≤ 26 bits each).
+struct BitReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    buf: u64,
+    bits: u32,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(data: &'a [u8], pos: usize) -> Self {
+        let mut r = BitReader {
+            data,
+            pos,
+            buf: 0,
+            bits: 0,
+        };
+        r.refill();
+        r
+    }
+
+    #[inline(always)]
+    fn refill(&mut self) {
+        let next = match self.data.get(self.pos..self.pos + 8) {
+            Some(w) => u64::from_be_bytes(w.try_into().unwrap()),
+            None => 0, // past the padding: only corrupt data gets here, caught by the caller
+        };
+        self.buf |= next >> self.bits;
+        self.pos += ((63 - self.bits) >> 3) as usize;
+        self.bits |= 56;
+    }
+
+    fn consumed_bits(&self) -> usize {
+        self.pos * 8 - self.bits as usize
+    }
+
+    #[inline(always)]
+    fn consume(&mut self, n: u32) {
+        self.buf <<= n;
+        self.bits -= n;
+    }
+
+    /// `size` bits as a coefficient: values below 2^(size−1) are negative, v − (2^size −
+    /// 1). Branch-free, and 0 for size 0.
+    #[inline(always)]
+    fn value(&mut self, size: u32) -> i32 {
+        let v = ((self.buf >> 1) >> (63 - size)) as i32;
+        self.consume(size);
+        let negative = (v - ((1 << size) >> 1)) >> 31; // all ones when v < 2^(size−1)
+        v + (negative & (1 - (1 << size)))
+    }
+
+    /// A DC difference: a code for its size, then that many bits.
+    #[inline(always)]
+    fn dc_diff(&mut self, t: &Huffman) -> Option<i32> {
+        self.refill();
+        let (len, sym) = t.decode(self.buf)?;
+        self.consume(len);
+        Some(self.value(sym as u32 & 15))
+    }
+
+    /// Walks a block's 63 AC coefficients without forming them, one or two symbols per
+    /// lookup.
+    #[inline(always)]
+    fn skip_ac(&mut self, t: &Huffman) -> Option<()> {
+        let mut k = 1u32;
+        loop {
+            self.refill();
+            for _ in 0..2 {
+                let e = t.skip[(self.buf >> (64 - LOOKUP_BITS)) as usize];
+                if e == 0 {
+                    self.refill();
+                    let (len, sym) = t.decode_slow(self.buf)?;
+                    let (extra, adv) = ac_step(sym);
+                    self.consume(len + extra);
+                    k += adv;
+                    if k >= 64 {
+                        return Some(());
+                    }
+                    break;
+                }
+                if k + ((e >> 5) & 127) >= 64 {
+                    self.consume(e & 31); // the block ends with the first symbol
+                    return Some(());
+                }
+                self.consume((e >> 12) & 31);
+                k += e >> 17;
+                if k >= 64 {
+                    return Some(());
+                }
+            }
+        }
+    }
+
+    /// Decodes a block's AC coefficients (its DC value is `dc`) into the means of the
+    /// samples `w` defines.
+    fn sample_means(&mut self, t: &Huffman, dc: i32, w: &[[f32; 4]]) -> Option<[f32; 4]> {
+        let mut out = w[0].map(|x| x * dc as f32);
+        let mut k = 1usize;
+        while k < 64 {
+            self.refill();
+            let (len, sym) = t.decode(self.buf)?;
+            self.consume(len);
+            let (r, size) = ((sym >> 4) as usize, (sym & 15) as u32);
+            if size == 0 {
+                if r != 15 {
+                    break; // EOB
+                }
+                k += 16;
+                continue;
+            }
+            k += r;
+            let v = self.value(size) as f32;
+            if let Some(&n) = ZIGZAG.get(k) {
+                for (o, x) in out.iter_mut().zip(w[n]) {
+                    *o += v * x;
+                }
+            }
+            k += 1;
+        }
+        Some(out)
+    }
+}
+
+/// An AC symbol's extra bits and how far it moves along the block: `r/s` with `s > 0` is
+/// `r` zeros then one coefficient of `s` bits; `15/0` (ZRL) sixteen zeros; any other `r/0`
+/// ends the block (EOB), as libjpeg reads it.
+fn ac_step(sym: u8) -> (u32, u32) {
+    let (r, s) = ((sym >> 4) as u32, (sym & 15) as u32);
+    match (r, s) {
+        (_, s) if s > 0 => (s, r + 1),
+        (15, 0) => (0, 16),
+        _ => (0, 64),
+    }
+}
+
+/// A Huffman table: lookups on the next [`LOOKUP_BITS`] bits, and canonical-code limits
+/// for longer codes.
+#[derive(Debug)]
+struct Huffman {
+    /// `len | symbol << 5` of the code that prefixes the index; 0: the code is longer.
+    sym: Box<[u16; 1 << LOOKUP_BITS]>,
+    /// AC tables: the first symbol's `len + extra bits` (bits 0–4) and advance along the
+    /// block (5–11), then the same for it and, when it is not an EOB and the next code
+    /// also fits in the index, the symbol after it together (12–16, 17–23). 0: longer.
+    skip: Box<[u32; 1 << LOOKUP_BITS]>,
+    /// For each length 1..=16: one past the largest code of that length (0: none), the
+    /// first code, and the index of its symbol.
+    max_code: [u32; 17],
+    first_code: [u32; 17],
+    first_index: [usize; 17],
+    symbols: Vec<u8>,
+}
+
+impl Huffman {
+    fn new(counts: &[u8; 16], symbols: &[u8], ac: bool) -> Option<Huffman> {
+        const N: usize = 1 << LOOKUP_BITS;
+        let mut sym: Box<[u16; N]> = vec![0u16; N].into_boxed_slice().try_into().ok()?;
+        let mut skip: Box<[u32; N]> = vec![0u32; N].into_boxed_slice().try_into().ok()?;
+        let mut max_code = [0u32; 17];
+        let mut first_code = [0u32; 17];
+        let mut first_index = [0usize; 17];
+        let mut code = 0u32;
+        let mut k = 0;
+        for len in 1..=16u32 {
+            let n = counts[len as usize - 1] as usize;
+            first_code[len as usize] = code;
+            first_index[len as usize] = k;
+            for &s in &symbols[k..k + n] {
+                if !ac && s > 15 {
+                    return None;
+                }
+                if len <= LOOKUP_BITS {
+                    let shift = LOOKUP_BITS - len;
+                    let lo = (code << shift) as usize;
+                    sym[lo..lo + (1 << shift)].fill(len as u16 | (s as u16) << 5);
+                }
+                code += 1;
+            }
+            k += n;
+            if code > 1 << len {
+                return None; // more codes than this length holds
+            }
+            max_code[len as usize] = if n > 0 { code } else { 0 };
+            code <<= 1;
+        }
+        if ac {
+            for (i, e) in skip.iter_mut().enumerate() {
+                let first = sym[i];
+                if first == 0 {
+                    continue;
+                }
+                let (extra, adv) = ac_step((first >> 5) as u8);
+                let n1 = (first & 31) as u32 + extra;
+                let (mut n, mut a) = (n1, adv);
+                if adv < 64 && n1 < LOOKUP_BITS {
+                    // The next code, if it lies wholly inside the index.
+                    let second = sym[(i << n1) & (N - 1)];
+                    let len2 = (second & 31) as u32;
+                    if second != 0 && n1 + len2 <= LOOKUP_BITS {
+                        let (extra2, adv2) = ac_step((second >> 5) as u8);
+                        n = n1 + len2 + extra2;
+                        a = adv + adv2;
+                    }
+                }
+                *e = n1 | adv << 5 | n << 12 | a << 17;
+            }
+        }
+        Some(Huffman {
+            sym,
+            skip,
+            max_code,
+            first_code,
+            first_index,
+            symbols: symbols.to_vec(),
+        })
+    }
+
+    /// (code length, symbol) of a code longer than the lookup at the top of `buf`.
+    #[inline(never)]
+    fn decode_slow(&self, buf: u64) -> Option<(u32, u8)> {
+        for len in LOOKUP_BITS + 1..=16 {
+            let code = (buf >> (64 - len)) as u32;
+            let l = len as usize;
+            if self.max_code[l] != 0 && code < self.max_code[l] && code >= self.first_code[l] {
+                return Some((
+                    len,
+                    self.symbols[self.first_index[l] + (code - self.first_code[l]) as usize],
+                ));
+            }
+        }
+        None
+    }
+
+    /// (code length, symbol) of the code at the top of `buf`.
+    #[inline(always)]
+    fn decode(&self, buf: u64) -> Option<(u32, u8)> {
+        let e = self.sym[(buf >> (64 - LOOKUP_BITS)) as usize];
+        if e != 0 {
+            return Some(((e & 31) as u32, (e >> 5) as u8));
+        }
+        self.decode_slow(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::GenericImageView;
+
+    /// A smooth colour image with grain, `width`×`height`.
+    fn photo(width: u32, height: u32, grain: u32) -> RgbImage {
+        let mut state = 0x1234_5679u32 ^ width ^ (height << 16);
+        RgbImage::from_fn(width, height, |x, y| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let g = (state % (2 * grain + 1)) as f32 - grain as f32;
+            let (fx, fy) = (x as f32 / width as f32, y as f32 / height as f32);
+            let wave = (fx * 23.0).sin() * (fy * 17.0).cos() * 60.0;
+            let c = |v: f32| v.clamp(0.0, 255.0) as u8;
+            image::Rgb([
+                c(40.0 + fx * 170.0 + wave + g),
+                c(200.0 - fy * 150.0 - wave / 2.0 + g),
+                c(90.0 + (fx + fy) * 60.0 + g),
+            ])
+        })
+    }
+
+    fn encode(
+        img: &RgbImage,
+        quality: u8,
+        sampling: jpeg_encoder::SamplingFactor,
+        restart: Option<u16>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = jpeg_encoder::Encoder::new(&mut out, quality);
+        enc.set_sampling_factor(sampling);
+        if let Some(r) = restart {
+            enc.set_restart_interval(r);
+        }
+        enc.encode(
+            img.as_raw(),
+            img.width() as u16,
+            img.height() as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .unwrap();
+        out
+    }
+
+    /// Each 8×8 block's mean of the full-size decode, channel by channel.
+    fn block_means(full: &DynamicImage) -> Vec<f64> {
+        let (w, h) = full.dimensions();
+        let rgb = full.to_rgb8();
+        let (ow, oh) = (w.div_ceil(8), h.div_ceil(8));
+        let mut out = vec![0.0; (ow * oh * 3) as usize];
+        for by in 0..oh {
+            for bx in 0..ow {
+                for c in 0..3usize {
+                    let (mut s, mut n) = (0.0, 0.0);
+                    for y in by * 8..((by + 1) * 8).min(h) {
+                        for x in bx * 8..((bx + 1) * 8).min(w) {
+                            s += rgb.get_pixel(x, y).0[c] as f64;
+                            n += 1.0;
+                        }
+                    }
+                    out[(by * ow + bx) as usize * 3 + c] = s / n;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dc_image_is_the_block_means() {
+        use jpeg_encoder::SamplingFactor as S;
+        for (w, h, sampling, restart) in [
+            (203, 157, S::R_4_2_0, None),
+            (64, 64, S::R_4_4_4, Some(3)),
+            (121, 90, S::R_4_2_2, Some(1)),
+            (77, 130, S::R_4_4_0, Some(7)),
+            (1, 1, S::R_4_2_0, None),
+            (9, 17, S::R_4_2_0, Some(2)),
+        ] {
+            let bytes = encode(&photo(w, h, 4), 90, sampling, restart);
+            let dc = decode_dc(&bytes).expect("baseline JPEG");
+            assert_eq!(dc.dimensions(), (w.div_ceil(8), h.div_ceil(8)));
+            let full = image::load_from_memory(&bytes).unwrap();
+            let want = block_means(&full);
+            let got = dc.to_rgb8();
+            // Edge blocks that the image only partly covers hold the encoder's padding.
+            let (ow, full_w, full_h) = (w.div_ceil(8) as usize, (w / 8) as usize, (h / 8) as usize);
+            let whole = |i: usize| (i / 3) % ow < full_w && (i / 3) / ow < full_h;
+            let d: Vec<f64> = got
+                .as_raw()
+                .iter()
+                .zip(&want)
+                .enumerate()
+                .filter(|&(i, _)| whole(i) || w < 8 || h < 8)
+                .map(|(_, (&a, &b))| (a as f64 - b).abs())
+                .collect();
+            let mean = d.iter().sum::<f64>() / d.len() as f64;
+            let max = d.iter().cloned().fold(0.0, f64::max);
+            eprintln!("{w}x{h} {sampling:?} restart {restart:?}: mean {mean:.3} max {max:.2}");
+            assert!(
+                mean < 1.5 && max < 4.0,
+                "{w}x{h} {sampling:?}: mean {mean} max {max}"
+            );
+        }
+    }
+
+    #[test]
+    fn grey_is_the_block_means() {
+        let rgb = photo(100, 75, 6);
+        let grey: Vec<u8> = rgb.pixels().map(|p| p.0[1]).collect();
+        let mut bytes = Vec::new();
+        jpeg_encoder::Encoder::new(&mut bytes, 90)
+            .encode(&grey, 100, 75, jpeg_encoder::ColorType::Luma)
+            .unwrap();
+        let dc = decode_dc(&bytes).expect("baseline grey JPEG");
+        assert_eq!(dc.color(), image::ColorType::L8);
+        let full = image::load_from_memory(&bytes).unwrap().to_luma8();
+        let dc = dc.to_luma8();
+        assert_eq!(dc.dimensions(), (13, 10));
+        // Blocks 12 across and 9 down hold the encoder's padding too.
+        for (bx, by, p) in dc.enumerate_pixels().filter(|&(x, y, _)| x < 12 && y < 9) {
+            let (mut s, mut n) = (0.0, 0.0);
+            for y in by * 8..((by + 1) * 8).min(75) {
+                for x in bx * 8..((bx + 1) * 8).min(100) {
+                    s += full.get_pixel(x, y).0[0] as f64;
+                    n += 1.0;
+                }
+            }
+            assert!(
+                (p.0[0] as f64 - s / n).abs() < 1.5,
+                "block {bx},{by}: {} vs {}",
+                p.0[0],
+                s / n
+            );
+        }
+    }
+
+    #[test]
+    fn what_it_does_not_cover_falls_back() {
+        let img = photo(64, 48, 4);
+        let mut progressive = Vec::new();
+        let mut enc = jpeg_encoder::Encoder::new(&mut progressive, 90);
+        enc.set_progressive(true);
+        enc.encode(img.as_raw(), 64, 48, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        assert!(decode_dc(&progressive).is_none());
+        let mut cmyk = Vec::new();
+        let px: Vec<u8> = img
+            .pixels()
+            .flat_map(|p| [p.0[0], p.0[1], p.0[2], 30])
+            .collect();
+        jpeg_encoder::Encoder::new(&mut cmyk, 90)
+            .encode(&px, 64, 48, jpeg_encoder::ColorType::Cmyk)
+            .unwrap();
+        assert!(decode_dc(&cmyk).is_none());
+        assert!(decode_dc(b"not a jpeg").is_none());
+        assert!(decode_dc(&[0xFF, 0xD8]).is_none());
+    }
+
+    #[test]
+    fn cut_short_is_refused() {
+        let bytes = encode(
+            &photo(160, 120, 8),
+            90,
+            jpeg_encoder::SamplingFactor::R_4_2_0,
+            None,
+        );
+        assert!(decode_dc(&bytes).is_some());
+        let scan = Header::parse(&bytes).unwrap().scan_start;
+        for cut in [scan + 10, (scan + bytes.len()) / 2, bytes.len() - 40] {
+            // Cut inside the scan and closed with an EOI, as a careless copy might be.
+            let mut b = bytes[..cut].to_vec();
+            b.extend_from_slice(&[0xFF, 0xD9]);
+            assert!(decode_dc(&b).is_none(), "cut at {cut} of {}", bytes.len());
+        }
+    }
+
+    #[test]
+    fn corrupt_scans_never_panic() {
+        let bytes = encode(
+            &photo(96, 80, 8),
+            85,
+            jpeg_encoder::SamplingFactor::R_4_2_0,
+            Some(4),
+        );
+        let scan = Header::parse(&bytes).unwrap().scan_start;
+        let mut state = 0x2545_F491u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize
+        };
+        let mut decoded = 0;
+        for _ in 0..500 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = scan + next() % (b.len() - scan - 2);
+                b[i] = next() as u8;
+            }
+            if let Some(img) = decode_dc(&b) {
+                assert_eq!(img.dimensions(), (12, 10));
+                decoded += 1;
+            }
+        }
+        // Some corruptions still parse (a flipped sign bit); most do not.
+        assert!(decoded < 500, "{decoded}");
+    }
+}
