@@ -152,7 +152,7 @@ fn main() {
 
     // What the model pipeline pays: decode, then bicubic-resize the shorter side to 224
     // (CLIP's preprocessing; cropping is negligible).
-    let to_224 = |img: &image::DynamicImage| {
+    let resize_224 = |img: &image::DynamicImage| {
         let (w, h) = img.dimensions();
         let (nw, nh) = if w < h {
             (224, (h as u64 * 224 / w as u64) as u32)
@@ -160,8 +160,8 @@ fn main() {
             ((w as u64 * 224 / h as u64) as u32, 224)
         };
         img.resize_exact(nw, nh, image::imageops::FilterType::CatmullRom)
-            .dimensions()
     };
+    let to_224 = |img: &image::DynamicImage| resize_224(img).dimensions();
     let full_pipe = time("full decode + bicubic resize to 224", iters, || {
         to_224(
             &decode_bytes(&bytes, &DecodeOptions::default(), "x")
@@ -184,16 +184,7 @@ fn main() {
 
     // What each reduction does to the pixels the model sees: the 224 resize of a reduced
     // decode against the 224 resize of the full-size one, in 8-bit levels.
-    let resized = |img: &image::DynamicImage| {
-        let (w, h) = img.dimensions();
-        let (nw, nh) = if w < h {
-            (224, (h as u64 * 224 / w as u64) as u32)
-        } else {
-            ((w as u64 * 224 / h as u64) as u32, 224)
-        };
-        img.resize_exact(nw, nh, image::imageops::FilterType::CatmullRom)
-            .to_rgb8()
-    };
+    let resized = |img: &image::DynamicImage| resize_224(img).to_rgb8();
     let reference = resized(
         &decode_bytes(&bytes, &DecodeOptions::default(), "x")
             .unwrap()
