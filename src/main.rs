@@ -37,8 +37,9 @@ struct Global {
     /// CLIP model: a local Hugging Face directory or a hub id (downloaded once).
     #[arg(long, global = true, env = "MAGPIE_MODEL", default_value = DEFAULT_MODEL, value_name = "DIR|ID")]
     model: String,
-    /// How CLIP computes on a CPU: auto (bf16 where the CPU has AVX-512 BF16 dot
-    /// products, else f32), f32 or bf16. Embeddings agree with f32 to cosine ≥ 0.999.
+    /// How CLIP computes on a CPU: auto (bf16 where the CPU has BF16 dot products, AVX-512
+    /// BF16 or AMX tiles, and a short race at load finds them faster than f32; else f32),
+    /// f32 or bf16. Embeddings agree with f32 to cosine ≥ 0.999.
     #[arg(long, global = true, env = "MAGPIE_PRECISION", default_value = "auto", value_name = "PRECISION")]
     precision: ClipPrecision,
     /// Captioning and chat model (BLIP-2): a local Hugging Face directory or a hub id.

@@ -82,6 +82,76 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether this process runs [`gemm`] on AMX tiles (see [`amx`]): the CPU has AMX BF16
+/// and the operating system granted the tile state. Checked once.
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+
+/// How many times faster this GEMM is than the f32 one on the kernels of `isa`, measured
+/// once per process and kernel (AMX tiles or AVX-512 dot products) by a short race of the
+/// two on a 128 × 768 · 768 × 768 product (a CLIP layer's shape; about 10 ms in all, on
+/// rayon's pool): BF16 dot products are not faster than f32 FMA on every CPU that has them
+/// (on a 2-core Xeon, `vdpbf16ps` measured half the f32 FMA rate). `None` where `isa`
+/// lacks BF16 dot products.
+pub fn speedup_over_f32(isa: Isa) -> Option<f64> {
+    static RACES: [std::sync::OnceLock<f64>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let isa = isa.supported();
+    if isa < Isa::Avx512Bf16 {
+        return None;
+    }
+    let amx = isa >= Isa::Amx;
+    Some(*RACES[amx as usize].get_or_init(|| race(isa)))
+}
+
+fn race(isa: Isa) -> f64 {
+    use crate::cpu::gemm::{gemm as gemm_cpu, PackedF32, PackedWeight};
+    let (m, k, n) = (128, 768, 768);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| next() * 0.1).collect();
+    let f32w = PackedWeight::F32(PackedF32::pack_transposed(&w, n, k));
+    let bf16w = PackedB::pack_transposed(&w, n, k);
+    let mut c = vec![0f32; m * n];
+    let mut best = [f64::MAX; 2];
+    // Round 0 warms up (page faults, the pool's threads, the kernels' scratch).
+    for round in 0..6 {
+        let t = std::time::Instant::now();
+        gemm_cpu(isa, &a, m, &f32w, None, &mut c, Epilogue::STORE);
+        let t32 = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        gemm_at(isa, &a, m, &bf16w, None, &mut c, Epilogue::STORE);
+        let t16 = t.elapsed().as_secs_f64();
+        if round > 0 {
+            best = [best[0].min(t32), best[1].min(t16)];
+        }
+    }
+    let speedup = best[0] / best[1];
+    let flops = 2.0 * (m * k * n) as f64;
+    tracing::info!(
+        "BF16 GEMM on {isa} kernels: {:.0} GFLOP/s, f32: {:.0} GFLOP/s ({speedup:.2}×)",
+        flops / best[1] / 1e9,
+        flops / best[0] / 1e9
+    );
+    speedup
+}
+
 /// Round an f32 to bf16, nearest even (the rounding of `vcvtne2ps2bf16` for finite,
 /// normal values; NaNs stay NaNs).
 pub fn f32_to_bf16(x: f32) -> u16 {
@@ -112,7 +182,10 @@ pub struct PackedB {
     nr: usize,
     /// ⌈K/2⌉: the k pairs of one panel column.
     kp: usize,
-    /// ⌈N/nr⌉ panels of `kp · nr` words.
+    /// `kp` rounded up to 16, the pairs stored per panel (zeros past `kp`): an AMX tile
+    /// holds 16 pairs of each of its rows.
+    kps: usize,
+    /// ⌈N/nr⌉ panels of `kps · nr` words.
     data: Vec<Line>,
 }
 
@@ -148,8 +221,9 @@ impl PackedB {
     fn pack_with(k: usize, n: usize, nr: usize, w: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
         assert!(nr.is_multiple_of(16));
         let kp = k.div_ceil(2);
+        let kps = kp.next_multiple_of(16);
         let panels = n.div_ceil(nr);
-        let panel_words = kp * nr; // a multiple of 16
+        let panel_words = kps * nr; // a multiple of 16
         let mut data = vec![Line([0; 16]); panels * panel_words / 16];
         let get = |kk: usize, j: usize| {
             if kk < k && j < n {
@@ -169,7 +243,7 @@ impl PackedB {
                     }
                 }
             });
-        PackedB { k, n, nr, kp, data }
+        PackedB { k, n, nr, kp, kps, data }
     }
 
     /// K, the inner dimension.
@@ -184,7 +258,7 @@ impl PackedB {
 
     /// The words of panel `jp`.
     fn panel(&self, jp: usize) -> &[u32] {
-        let len = self.kp * self.nr;
+        let len = self.kps * self.nr;
         &lines_as_words(&self.data)[jp * len..(jp + 1) * len]
     }
 }
@@ -208,8 +282,15 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32
 }
 
 /// [`gemm`] with an epilogue: an activation applied by each task to its tile of C once
-/// stored, or accumulation into C (`c += a · b + bias`, a residual connection).
+/// stored, or accumulation into C (`c += a · b + bias`, a residual connection). On AMX
+/// tiles where the process has them and `MAGPIE_CPU_ISA` allows ([`Isa::detect`]).
 pub fn gemm_ep(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32], ep: Epilogue) {
+    gemm_at(Isa::detect(), a, m, b, bias, c, ep)
+}
+
+/// [`gemm_ep`] on the kernels of `isa`: AMX tiles at [`Isa::Amx`] (where the hardware has
+/// them; else, as below it, AVX-512 BF16 dot products).
+pub fn gemm_at(isa: Isa, a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32], ep: Epilogue) {
     let (k, n) = (b.k, b.n);
     assert_eq!(
         a.len(),
@@ -238,7 +319,11 @@ pub fn gemm_ep(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU features were just checked.
     unsafe {
-        x86::gemm::<MR, NV>(a, m, b, bias, c, &x86::Blocking::default(), ep)
+        if isa.supported() >= Isa::Amx {
+            x86::gemm::<MR, NV>(a, m, b, bias, c, &x86::Blocking::AMX, ep, true)
+        } else {
+            x86::gemm::<MR, NV>(a, m, b, bias, c, &x86::Blocking::default(), ep, false)
+        }
     };
 }
 
@@ -261,6 +346,17 @@ pub(crate) mod x86 {
         pub tasks_per_thread: usize,
     }
 
+    impl Blocking {
+        /// For the AMX kernel: K blocks of 256 pairs (a 32-row block of A is then 32 KiB,
+        /// reused from L1 by every panel of the task).
+        pub const AMX: Blocking = Blocking {
+            kc: 256,
+            mc: 256,
+            nc: 256,
+            tasks_per_thread: 4,
+        };
+    }
+
     impl Default for Blocking {
         fn default() -> Self {
             Blocking {
@@ -275,7 +371,9 @@ pub(crate) mod x86 {
     /// [`super::gemm`] with a given micro-tile and blocking; shapes already checked.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F, BW and BF16 ([`available`]).
+    /// The CPU must have AVX-512 F, BW and BF16 ([`available`]), and AMX if `amx`
+    /// ([`amx::available`]).
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm<const MR: usize, const NV: usize>(
         a: &[f32],
         m: usize,
@@ -284,6 +382,7 @@ pub(crate) mod x86 {
         c: &mut [f32],
         blk: &Blocking,
         ep: Epilogue,
+        amx: bool,
     ) {
         let (k, n, kp) = (b.k, b.n, b.kp);
         let nr = NV * 16;
@@ -311,11 +410,14 @@ pub(crate) mod x86 {
         // A in bf16, row-major pairs. Rows are padded to whole cache lines, and to an odd
         // number of them: with rows a multiple of 4 KiB apart (K = 6144), the micro-kernel's
         // rows would all fall into the same L1 sets.
+        // AMX reads A in blocks of 16 rows: zero rows complete the last block.
         let lda = kp.next_multiple_of(16) | 16;
+        let rows = if amx { m.next_multiple_of(16) } else { m };
         let mut scratch = SCRATCH.take();
-        if scratch.len() < m * lda / 16 {
-            scratch = vec![Line([0; 16]); m * lda / 16];
+        if scratch.len() < rows * lda / 16 {
+            scratch = vec![Line([0; 16]); rows * lda / 16];
         }
+        scratch[m * lda / 16..rows * lda / 16].fill(Line([0; 16]));
         let abuf = &mut scratch[..m * lda / 16];
         let rows_per_chunk = (4096 / lda).clamp(1, m.div_ceil(2).max(1));
         abuf.par_chunks_mut(rows_per_chunk * lda / 16)
@@ -328,23 +430,41 @@ pub(crate) mod x86 {
                     unsafe { convert_row(&a[i * k..(i + 1) * k], row) };
                 }
             });
-        let abf = lines_as_words(abuf);
+        let abf = lines_as_words(&scratch[..rows * lda / 16]);
 
         // Tasks: a grid of row groups × panel groups, as even as whole micro-tiles allow,
         // at most about mc × nc each, and at least `tasks_per_thread` per thread so that
         // rayon can even out the threads (and a busy core) by stealing.
         let kc = blk.kc.max(1);
-        let (rt, pn) = (m.div_ceil(MR), n.div_ceil(nr));
-        let (mt, nt) = task_grid(m, MR, pn, nr, blk.mc, blk.nc, blk.tasks_per_thread);
+        // Row groups in whole micro-tiles: AMX's are 32 rows (two tiles).
+        let mr = if amx { 32 } else { MR };
+        let (rt, pn) = (m.div_ceil(mr), n.div_ceil(nr));
+        let (mt, nt) = task_grid(m, mr, pn, nr, blk.mc, blk.nc, blk.tasks_per_thread);
         let cptr = SendPtr(c.as_mut_ptr());
         let bias = bias.map(|b| b.as_ptr() as usize);
         (0..mt * nt).into_par_iter().for_each(|t| {
             let (g, h) = (t / nt, t % nt);
-            let rows = (g * rt / mt * MR, ((g + 1) * rt / mt * MR).min(m));
+            let rows = (g * rt / mt * mr, ((g + 1) * rt / mt * mr).min(m));
             let panels = (h * pn / nt, (h + 1) * pn / nt);
             // SAFETY: the caller vouches for the CPU features; the task writes its rows × panels of C
-            // only, which no other task touches.
+            // only, which no other task touches. For AMX: the rows to the next multiple of 16
+            // are in `abf` (zero past M), `lda` ≥ kps, and tasks start on multiples of 32 rows.
             unsafe {
+                if amx {
+                    amx::task(
+                        abf.as_ptr(),
+                        lda,
+                        b,
+                        bias.map(|p| p as *const f32),
+                        cptr.get(),
+                        n,
+                        rows,
+                        panels,
+                        kc,
+                        ep,
+                    );
+                    return;
+                }
                 task::<MR, NV>(
                     abf,
                     lda,
@@ -597,28 +717,36 @@ pub(crate) mod tests {
     }
 
     /// What the hardware computes: bf16 inputs, and per k pair, `acc += hi·hi` then
-    /// `acc += lo·lo`, each rounded to f32 (the products are exact).
-    fn reference_bf16(
+    /// `acc += lo·lo`, each rounded to f32 (the products are exact), from the bias; or in
+    /// AMX's documented order (`amx`): the low product first, the bias after all of K.
+    fn reference_bf16_ordered(
         a: &[f32],
         m: usize,
         w: &[f32],
         k: usize,
         n: usize,
         bias: Option<&[f32]>,
+        amx: bool,
     ) -> Vec<f32> {
         let r = |x: f32| bf16_to_f32(f32_to_bf16(x));
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                let mut acc = bias.map_or(0.0, |b| b[j]);
+                let b = bias.map_or(0.0, |b| b[j]);
+                let mut acc = if amx { 0.0 } else { b };
                 for p in 0..k.div_ceil(2) {
                     let (lo, hi) = (2 * p, 2 * p + 1);
-                    if hi < k {
-                        acc += r(a[i * k + hi]) * r(w[hi * n + j]);
+                    let plo = r(a[i * k + lo]) * r(w[lo * n + j]);
+                    let phi = if hi < k { r(a[i * k + hi]) * r(w[hi * n + j]) } else { 0.0 };
+                    if amx {
+                        acc += plo;
+                        acc += phi;
+                    } else {
+                        acc += phi;
+                        acc += plo;
                     }
-                    acc += r(a[i * k + lo]) * r(w[lo * n + j]);
                 }
-                c[i * n + j] = acc;
+                c[i * n + j] = if amx { acc + b } else { acc };
             }
         }
         c
@@ -711,15 +839,32 @@ pub(crate) mod tests {
                 let bias = rng.vec(n);
                 let bias = with_bias.then_some(&bias[..]);
                 let b = PackedB::pack(&w, k, n);
-                let mut c = vec![f32::NAN; m * n];
-                gemm(&a, m, &b, bias, &mut c);
-                let r = reference_bf16(&a, m, &w, k, n, bias);
-                for (idx, (x, y)) in c.iter().zip(&r).enumerate() {
-                    assert_eq!(
-                        x.to_bits(),
-                        y.to_bits(),
-                        "M={m} K={k} N={n} bias={with_bias}: c[{idx}] {x} vs {y}"
-                    );
+                for isa in [Isa::Avx512Bf16, Isa::Amx] {
+                    if isa == Isa::Amx && !amx_available() {
+                        continue;
+                    }
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm_at(isa, &a, m, &b, bias, &mut c, Epilogue::STORE);
+                    let amx = isa == Isa::Amx;
+                    let r = reference_bf16_ordered(&a, m, &w, k, n, bias, amx);
+                    // AVX-512: the very bits. AMX sums a tile's pairs in an order of its own
+                    // (not documented): within a few roundings of the sum of magnitudes.
+                    let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+                    let mag = reference_bf16_ordered(&abs(&a), m, &abs(&w), k, n, bias.map(abs).as_deref(), amx);
+                    for (idx, (x, y)) in c.iter().zip(&r).enumerate() {
+                        if amx {
+                            assert!(
+                                (x - y).abs() <= 4.0 * f32::EPSILON * mag[idx],
+                                "{isa}: M={m} K={k} N={n} bias={with_bias}: c[{idx}] {x} vs {y}"
+                            );
+                        } else {
+                            assert_eq!(
+                                x.to_bits(),
+                                y.to_bits(),
+                                "{isa}: M={m} K={k} N={n} bias={with_bias}: c[{idx}] {x} vs {y}"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -737,7 +882,7 @@ pub(crate) mod tests {
         let (a, w, bias) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n));
         let b = PackedB::pack(&w, k, n);
         let mut want = vec![0f32; m * n];
-        gemm(&a, m, &b, Some(&bias), &mut want);
+        gemm_at(Isa::Avx512Bf16, &a, m, &b, Some(&bias), &mut want, Epilogue::STORE);
         for blk in [
             (1, 8, 48, 1),
             (7, 16, 96, 3),
@@ -752,12 +897,90 @@ pub(crate) mod tests {
             };
             let mut c = vec![f32::NAN; m * n];
             // SAFETY: available() was checked above.
-            unsafe { x86::gemm::<MR, NV>(&a, m, &b, Some(&bias), &mut c, &blk, Epilogue::STORE) };
+            unsafe { x86::gemm::<MR, NV>(&a, m, &b, Some(&bias), &mut c, &blk, Epilogue::STORE, false) };
             assert!(
                 c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{blk:?}"
             );
         }
+    }
+
+    /// Runs `x86::gemm` on AMX (or, with `amx` false, the AVX-512 kernel) with a blocking.
+    fn run_at(a: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>, c: &mut [f32], blk: &x86::Blocking, ep: Epilogue, amx: bool) {
+        assert!(available() && (!amx || amx_available()));
+        // SAFETY: the features were just checked.
+        unsafe { x86::gemm::<MR, NV>(a, m, b, bias, c, blk, ep, amx) };
+    }
+
+    #[test]
+    fn amx_matches_the_avx512_kernel() {
+        if !amx_available() {
+            eprintln!("bf16_gemm: no AMX here (or the OS refused it), test skipped");
+            return;
+        }
+        let mut rng = Rng(0xa3c5);
+        let mut worst = (0f64, 0f64);
+        // Odd sizes around the tiles' 16 rows, 32 k and 16 / 64 columns.
+        for &m in &[1, 15, 16, 17, 31, 33, 50, 97] {
+            for &k in &[1, 7, 31, 32, 33, 200, 515] {
+                for &n in &[1, 17, 64, 65, 130] {
+                    let a = rng.vec(m * k);
+                    let w = rng.vec(k * n);
+                    let bias = rng.vec(n);
+                    let bias = ((m + n) % 2 == 1).then_some(&bias[..]);
+                    let b = PackedB::pack(&w, k, n);
+                    for ep in [Epilogue::STORE, Epilogue::ACCUMULATE, Epilogue::act(Act::QuickGelu)] {
+                        let start = rng.vec(m * n);
+                        let (mut want, mut got) = (start.clone(), start.clone());
+                        run_at(&a, m, &b, bias, &mut want, &x86::Blocking::default(), ep, false);
+                        run_at(&a, m, &b, bias, &mut got, &x86::Blocking::AMX, ep, true);
+                        // Same inputs and products; the order of the two additions of a pair
+                        // and the bias's place differ: a few ulps of the sums' magnitude.
+                        let scale = (k as f64).sqrt() + 1.0;
+                        let max = got.iter().zip(&want).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max);
+                        assert!(max <= 1e-5 * scale, "M={m} K={k} N={n} {ep:?}: AMX differs by {max:e}");
+                        let rows: Vec<usize> = (0..m).collect();
+                        if ep == Epilogue::STORE {
+                            let err = rel_err(&got, &reference_f64(&a, &rows, &w, k, n, bias));
+                            assert!(err <= 1e-2, "M={m} K={k} N={n}: relative error {err}");
+                            worst.1 = worst.1.max(err);
+                        }
+                        worst.0 = worst.0.max(max / scale);
+                    }
+                }
+            }
+        }
+        eprintln!("bf16_gemm amx: worst difference from AVX-512 {:.2e} × (√K + 1), relative error {:.2e}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn amx_blockings_agree() {
+        // K blocks meet through exact f32 stores and loads of the tiles: the same bits.
+        if !amx_available() {
+            eprintln!("bf16_gemm: no AMX here (or the OS refused it), test skipped");
+            return;
+        }
+        let (m, k, n) = (83, 1001, 211);
+        let mut rng = Rng(11);
+        let (a, w, bias) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n));
+        let b = PackedB::pack(&w, k, n);
+        let mut want = vec![f32::NAN; m * n];
+        run_at(&a, m, &b, Some(&bias), &mut want, &x86::Blocking::AMX, Epilogue::STORE, true);
+        for (kc, mc, nc, per_thread) in [(16, 32, 64, 1), (48, 64, 128, 3), (100, 32, 64, 8), (5000, 1000, 1000, 1)] {
+            let blk = x86::Blocking { kc, mc, nc, tasks_per_thread: per_thread };
+            let mut c = vec![f32::NAN; m * n];
+            run_at(&a, m, &b, Some(&bias), &mut c, &blk, Epilogue::STORE, true);
+            assert!(c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{blk:?}");
+        }
+        // And through the public entry points: AMX at Isa::Amx, AVX-512 below it.
+        let mut c = vec![f32::NAN; m * n];
+        gemm_at(Isa::Amx, &a, m, &b, Some(&bias), &mut c, Epilogue::STORE);
+        assert!(c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let mut avx = vec![f32::NAN; m * n];
+        gemm_at(Isa::Avx512Bf16, &a, m, &b, Some(&bias), &mut avx, Epilogue::STORE);
+        let mut plain = vec![f32::NAN; m * n];
+        run_at(&a, m, &b, Some(&bias), &mut plain, &x86::Blocking::default(), Epilogue::STORE, false);
+        assert!(avx.iter().zip(&plain).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]
@@ -836,6 +1059,8 @@ pub(crate) mod tests {
             (257, 1408, 6144),
             (257, 6144, 1408),
             (50, 768, 2304),
+            (800, 32, 3072),
+            (256, 768, 256),
         ];
         eprintln!(
             "threads: {threads}; GFLOP/s, best of 20 (wall) | flops per CPU second × threads (cpu)"
@@ -853,17 +1078,21 @@ pub(crate) mod tests {
             let tw = Tensor::from_slice(&w, (k, n), &Device::Cpu).unwrap();
             let flops = 2.0 * (m * k * n) as f64;
             let reps = ((2e9 / flops) as usize).clamp(1, 50);
-            // [bf16, candle] × [wall, cpu]: best seconds per call. The two alternate so
-            // that load from elsewhere hits both alike.
-            let mut best = [[f64::MAX; 2]; 2];
+            // [bf16, candle, amx] × [wall, cpu]: best seconds per call. They alternate so
+            // that load from elsewhere hits all alike.
+            let amx = amx_available();
+            let mut best = [[f64::MAX; 2]; 3];
             for round in 0..21 {
                 for (which, best) in best.iter_mut().enumerate() {
+                    if which == 2 && !amx {
+                        continue;
+                    }
                     let (t, cpu) = (Instant::now(), cpu_seconds());
                     for _ in 0..reps {
-                        if which == 0 {
-                            gemm(&a, m, &b, Some(&bias), &mut c);
-                        } else {
-                            std::hint::black_box(ta.matmul(&tw).unwrap());
+                        match which {
+                            0 => gemm_at(Isa::Avx512Bf16, &a, m, &b, Some(&bias), &mut c, Epilogue::STORE),
+                            1 => drop(std::hint::black_box(ta.matmul(&tw).unwrap())),
+                            _ => gemm_at(Isa::Amx, &a, m, &b, Some(&bias), &mut c, Epilogue::STORE),
                         }
                     }
                     if round > 0 {
@@ -875,8 +1104,9 @@ pub(crate) mod tests {
             }
             let g = |s: f64| flops / s / 1e9;
             let (bw, fw, bc, fc) = (g(best[0][0]), g(best[1][0]), g(best[0][1]), g(best[1][1]));
+            let amx = if amx { format!("  amx {:>7.1} wall, {:>7.1} cpu, {:.2}× bf16", g(best[2][0]), g(best[2][1]), best[0][0] / best[2][0]) } else { String::new() };
             eprintln!(
-                "{m:>5} {k:>5} {n:>5}  {bw:>10.1} {fw:>10.1} {:>5.2}  {bc:>9.1} {fc:>9.1} {:>5.2}",
+                "{m:>5} {k:>5} {n:>5}  {bw:>10.1} {fw:>10.1} {:>5.2}  {bc:>9.1} {fc:>9.1} {:>5.2}{amx}",
                 bw / fw,
                 bc / fc
             );

@@ -36,7 +36,8 @@ pub struct Clip {
 /// How CLIP's transformer layers compute on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClipPrecision {
-    /// BF16 where the CPU has AVX-512 BF16 dot products, else f32.
+    /// BF16 where the CPU has BF16 dot products (AVX-512 BF16 or AMX) and they measure
+    /// faster than f32 here, else f32.
     #[default]
     Auto,
     /// f32 throughout: the reference.
@@ -50,8 +51,17 @@ pub enum ClipPrecision {
 
 impl ClipPrecision {
     /// What the transformer layers compute in on a CPU that has `isa`: `"bf16"` or `"f32"`.
+    /// `Auto` takes BF16 where the CPU has BF16 dot products and they beat f32 by at least
+    /// 10% in a short race at first use ([`crate::bf16_gemm::speedup_over_f32`]); `Bf16`
+    /// takes them wherever the CPU has them.
     pub fn resolve(self, isa: crate::cpu::Isa) -> &'static str {
-        if self != ClipPrecision::F32 && isa >= crate::cpu::Isa::Avx512Bf16 {
+        let has_bf16 = isa.supported() >= crate::cpu::Isa::Avx512Bf16;
+        let bf16 = match self {
+            ClipPrecision::F32 => false,
+            ClipPrecision::Bf16 => has_bf16,
+            ClipPrecision::Auto => crate::bf16_gemm::speedup_over_f32(isa).is_some_and(|s| s >= AUTO_BF16_SPEEDUP),
+        };
+        if bf16 {
             "bf16"
         } else {
             "f32"
@@ -62,13 +72,26 @@ impl ClipPrecision {
     /// and why.
     pub fn describe_cpu(self) -> String {
         let isa = crate::cpu::Isa::detect();
+        let kernels = if isa >= crate::cpu::Isa::Amx { "AMX BF16 tiles" } else { "BF16 dot products" };
+        let race = || {
+            crate::bf16_gemm::speedup_over_f32(isa)
+                .map(|s| format!("{kernels} measured {s:.2}× the f32 GEMM here"))
+                .unwrap_or_default()
+        };
         match (self, self.resolve(isa)) {
-            (_, "bf16") => format!("bf16 on the CPU ({isa} kernels: BF16 dot products, f32 attention; --precision f32 forces f32)"),
+            (ClipPrecision::Auto, "bf16") => format!("bf16 on the CPU ({isa} kernels: {}, f32 attention; --precision f32 forces f32)", race()),
+            (_, "bf16") => format!("bf16 on the CPU ({isa} kernels: {kernels}, f32 attention; asked for by --precision bf16)"),
             (ClipPrecision::F32, _) => format!("f32 on the CPU ({isa} kernels; asked for by --precision f32)"),
+            (ClipPrecision::Auto, _) if isa >= crate::cpu::Isa::Avx512Bf16 => {
+                format!("f32 on the CPU ({isa} kernels; {}, less than the {AUTO_BF16_SPEEDUP}× that auto wants; --precision bf16 forces BF16)", race())
+            }
             _ => format!("f32 on the CPU ({isa} kernels; this CPU has no AVX-512 BF16 dot products)"),
         }
     }
 }
+
+/// The speed-up over f32 at which `--precision auto` takes BF16.
+const AUTO_BF16_SPEEDUP: f64 = 1.1;
 
 impl std::str::FromStr for ClipPrecision {
     type Err = String;

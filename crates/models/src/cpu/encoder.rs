@@ -475,10 +475,10 @@ mod tests {
                     let int8 = precision == Precision::Int8 && isa >= Isa::Avx512 && crate::int8_gemm::available();
                     assert_eq!(layer.is_int8(), int8);
                     // Int8 without VNNI falls back to BF16 (QKV too), where the CPU has it.
-                    let bf16 = isa == Isa::Avx512Bf16 && matches!(precision, Precision::Bf16 | Precision::Int8) && !int8;
+                    let bf16 = isa >= Isa::Avx512Bf16 && matches!(precision, Precision::Bf16 | Precision::Int8) && !int8;
                     assert_eq!(layer.is_bf16(), bf16);
                     // Int8's QKV is BF16 in any case where the CPU has it.
-                    let qkv_bf16 = isa == Isa::Avx512Bf16 && precision == Precision::Int8;
+                    let qkv_bf16 = isa >= Isa::Avx512Bf16 && precision == Precision::Int8;
                     assert_eq!(matches!(layer.qkv.w, PackedWeight::Bf16(_)), qkv_bf16);
                     let f16 = precision == Precision::F16Weights;
                     assert_eq!(matches!(layer.fc1.w, PackedWeight::F16(_)), f16);

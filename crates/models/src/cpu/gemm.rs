@@ -510,7 +510,7 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
     }
     assert!(!(ep.accumulate && ep.act != Act::None), "cpu::gemm: an activation cannot follow accumulation");
     match w {
-        PackedWeight::Bf16(b) => crate::bf16_gemm::gemm_ep(a, m, b, bias, c, ep),
+        PackedWeight::Bf16(b) => crate::bf16_gemm::gemm_at(isa, a, m, b, bias, c, ep),
         PackedWeight::F32(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::F16(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::Bf16Widened(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
@@ -725,7 +725,7 @@ unsafe fn task<P: Panels>(
                 let cp = c.add(i * ldc + j);
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 | Isa::Avx512Bf16 => x86::tile512(rows, kn, ap, lda, bp, cp, ldc, cols, init),
+                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => x86::tile512(rows, kn, ap, lda, bp, cp, ldc, cols, init),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => {
                         for s in 0..NR / 16 {

@@ -3,9 +3,9 @@
 //! the GEMM's store, attention per (image, head) on the thread pool, and buffers reused
 //! from layer to layer.
 //!
-//! The kernels are chosen at run time by what the CPU has ([`Isa::detect`]): AVX-512 BF16
-//! dot products ([`crate::bf16_gemm`]), AVX-512 F, AVX2 + FMA + F16C, or portable scalar
-//! code.
+//! The kernels are chosen at run time by what the CPU has ([`Isa::detect`]): AMX BF16 tiles
+//! or AVX-512 BF16 dot products ([`crate::bf16_gemm`]), AVX-512 F, AVX2 + FMA + F16C, or
+//! portable scalar code.
 //! Every path can be forced (tests run each one; `MAGPIE_CPU_ISA=avx2` caps a whole
 //! process), and a path the CPU lacks is never taken: asking for one falls back to the
 //! best the CPU has below it.
@@ -34,11 +34,14 @@ pub enum Isa {
     Avx512,
     /// AVX-512 F + BW + BF16: BF16 dot products (the f32 kernels run as `Avx512`).
     Avx512Bf16,
+    /// `Avx512Bf16` plus AMX BF16 tiles, granted by the operating system: the BF16 GEMM on
+    /// tiles ([`crate::bf16_gemm::amx`]); everything else as `Avx512Bf16`.
+    Amx,
 }
 
 impl Isa {
     /// Every level, lowest first.
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     /// The best level this CPU has, capped by `MAGPIE_CPU_ISA` when that is set (read once).
     pub fn detect() -> Isa {
@@ -64,7 +67,7 @@ impl Isa {
         {
             let f = is_x86_feature_detected!("avx512f");
             if f && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16") {
-                return Isa::Avx512Bf16;
+                return if crate::bf16_gemm::amx_available() { Isa::Amx } else { Isa::Avx512Bf16 };
             }
             if f {
                 return Isa::Avx512;
@@ -92,6 +95,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -102,7 +106,7 @@ impl std::str::FromStr for Isa {
         Isa::ALL
             .into_iter()
             .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| format!("unknown CPU level `{s}` (scalar, avx2, avx512 or avx512bf16)"))
+            .ok_or_else(|| format!("unknown CPU level `{s}` (scalar, avx2, avx512, avx512bf16 or amx)"))
     }
 }
 
