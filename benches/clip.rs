@@ -71,10 +71,9 @@ struct Run {
     img_rate: Vec<(usize, f64)>,
     /// (tokens, milliseconds)
     text_ms: Vec<(usize, f64)>,
-    /// Per encoder stage at batch 16: (name, ms per image, GFLOP/s).
-    stages: Vec<(&'static str, f64, f64)>,
+    /// Per batch size (1 and 16): per encoder stage (name, ms per image, GFLOP/s), and the
     /// ms per image outside the encoder layers (patch embedding, pre/post LN, projection).
-    other_ms: f64,
+    stages: Vec<(usize, Vec<(&'static str, f64, f64)>, f64)>,
 }
 
 fn pixels(size: usize, b: usize) -> Vec<Pixels> {
@@ -106,25 +105,28 @@ fn measure(clip: &Clip, min: Duration) -> Run {
         });
         text_ms.push((t, dt * 1000.0));
     }
-    // Per-stage time of the vision encoder at batch 16.
-    let (b, reps) = (16, 6);
-    let batch = pixels(size, b);
-    clip.embed_pixels(&batch).unwrap();
-    profile::enable(true);
-    profile::take();
-    let t = Instant::now();
-    for _ in 0..reps {
+    // Per-stage time of the vision encoder at batch 1 and 16.
+    let mut stages = Vec::new();
+    for (b, reps) in [(1, 40), (16, 6)] {
+        let batch = pixels(size, b);
         clip.embed_pixels(&batch).unwrap();
+        profile::enable(true);
+        profile::take();
+        let t = Instant::now();
+        for _ in 0..reps {
+            clip.embed_pixels(&batch).unwrap();
+        }
+        let total = t.elapsed().as_secs_f64();
+        profile::enable(false);
+        let secs = profile::take();
+        let flops = clip.clip_model().vision_model.encoder_flops(b).unwrap_or([0.0; 6]);
+        let per_img = |s: f64| s / (reps * b) as f64 * 1000.0;
+        let st = (0..6)
+            .map(|i| (profile::STAGES[i], per_img(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
+            .collect();
+        stages.push((b, st, per_img(total - secs.iter().sum::<f64>())));
     }
-    let total = t.elapsed().as_secs_f64();
-    profile::enable(false);
-    let secs = profile::take();
-    let flops = clip.clip_model().vision_model.encoder_flops(b).unwrap_or([0.0; 6]);
-    let per_img = |s: f64| s / (reps * b) as f64 * 1000.0;
-    let stages = (0..6)
-        .map(|i| (profile::STAGES[i], per_img(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
-        .collect();
-    Run { precision: clip.precision(), img_rate, text_ms, stages, other_ms: per_img(total - secs.iter().sum::<f64>()) }
+    Run { precision: clip.precision(), img_rate, text_ms, stages }
 }
 
 /// GFLOP/s of register-only loops on `threads` threads: f32 FMA, and BF16 dot products
@@ -269,7 +271,10 @@ fn main() {
     };
     let peer_num = |group: &str, key: usize| peer.as_ref().and_then(|p| p[group][key.to_string()].as_f64());
 
-    let (f32_peak, bf16_peak) = peaks(threads);
+    let (f32_peak, dot_peak) = peaks(threads);
+    // On AMX the BF16 GEMM runs on tiles: their peak is the ceiling.
+    let amx_peak = magpie_models::bf16_gemm::amx::peak_gflops(threads, 10_000_000);
+    let bf16_peak = amx_peak.or(dot_peak);
     println!("\nCLIP {} ({}), {threads} threads", model_dir.display(), clip.info().id);
     println!("{:<28} {:>10} {:>10} {:>10} {:>12} {:>12}", "", "magpie", "PyTorch", "ONNX RT", "vs PyTorch", "vs ONNX RT");
     for run in &runs {
@@ -300,18 +305,27 @@ fn main() {
     if let Some(c) = worst_cos {
         println!("bf16 vs f32 image embeddings: worst cosine {c:.6} over {} photos", photos.len());
     }
-    println!("\nvision encoder per stage at batch 16 (ms per image; GFLOP/s; share of the measured peak: f32 FMA {f32_peak:.0}, BF16 dot {} GFLOP/s)", bf16_peak.map(|p| format!("{p:.0}")).unwrap_or("-".into()));
+    println!(
+        "\nvision encoder per stage (ms per image; GFLOP/s; share of the measured peak: f32 FMA {f32_peak:.0}, BF16 dot {}{} GFLOP/s)",
+        dot_peak.map(|p| format!("{p:.0}")).unwrap_or("-".into()),
+        amx_peak.map(|p| format!(", AMX tiles {p:.0}")).unwrap_or_default()
+    );
+    if amx_peak.is_some() {
+        println!("  (on AMX the bf16 run's QKV is three bf16 terms: 3x the GFLOP shown)");
+    }
     for run in &runs {
         let peak = if run.precision == "bf16" { bf16_peak.unwrap_or(f32_peak) } else { f32_peak };
-        let total: f64 = run.stages.iter().map(|s| s.1).sum::<f64>() + run.other_ms;
-        println!("  {} ({total:.2} ms per image)", run.precision);
-        for (name, ms, gf) in &run.stages {
+        for (b, stages, other_ms) in &run.stages {
+        let total: f64 = stages.iter().map(|s| s.1).sum::<f64>() + other_ms;
+        println!("  {} batch {b} ({total:.2} ms per image)", run.precision);
+        for (name, ms, gf) in stages {
             // Attention runs on the f32 kernels in both precisions.
             let pk = if *name == "attention" { f32_peak } else { peak };
             let rate = if *gf > 0.0 { format!("{gf:>7.0} GFLOP/s {:>4.0}%", gf / pk * 100.0) } else { String::new() };
             println!("    {name:<22} {ms:>7.2} ms {:>5.1}%  {rate}", ms / total * 100.0);
         }
-        println!("    {:<22} {:>7.2} ms {:>5.1}%", "outside the layers", run.other_ms, run.other_ms / total * 100.0);
+        println!("    {:<22} {:>7.2} ms {:>5.1}%", "outside the layers", other_ms, other_ms / total * 100.0);
+        }
     }
     println!("{:<28} {:>10.2}   (tokenize + embed \"{q}\", {q_tokens} tokens)", "text query ms, end to end", dt * 1000.0);
     let pure = runs

@@ -350,3 +350,50 @@ unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
         options(nostack, preserves_flags)
     );
 }
+
+/// GFLOP/s of `tdpbf16ps` alone on `threads` threads, `iters` rounds of 4 independent
+/// products on tiles that stay in registers: the ceiling the kernel is measured against
+/// (benchmarks). `None` without AMX.
+pub fn peak_gflops(threads: usize, iters: usize) -> Option<f64> {
+    if !available() {
+        return None;
+    }
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            // SAFETY: `available()` was checked (the permission is the process's).
+            s.spawn(move || unsafe { spin(iters) });
+        }
+    });
+    Some(4.0 * 16384.0 * (iters * threads) as f64 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+/// # Safety
+/// [`available`] is true.
+unsafe fn spin(iters: usize) {
+    if iters == 0 {
+        return;
+    }
+    // SAFETY: tiles configured, zeroed (all operands are zero: no denormals, no NaNs),
+    // multiplied in registers only, released; no memory but the configuration is read.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+        asm!(
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            "tilezero tmm4", "tilezero tmm5", "tilezero tmm6", "tilezero tmm7",
+            options(nostack, nomem, preserves_flags)
+        );
+        asm!(
+            "2:",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) iters => _,
+            options(nostack, nomem)
+        );
+        asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
+}

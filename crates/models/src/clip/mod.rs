@@ -44,8 +44,9 @@ pub enum ClipPrecision {
     F32,
     /// The linear layers on the BF16 dot-product kernel (activations and weights rounded
     /// to bf16, f32 accumulation), except the image tower's QKV projection, whose errors
-    /// the attention would sharpen; embeddings, LayerNorms, attention and the projections
-    /// stay f32. Falls back to f32 where the CPU lacks the instructions.
+    /// the attention would sharpen: f32, or on AMX tiles three bf16 terms as exact as f32
+    /// ([`crate::cpu::encoder::Precision::Bf16`]); embeddings, LayerNorms, attention and
+    /// the projections stay f32. Falls back to f32 where the CPU lacks the instructions.
     Bf16,
 }
 
@@ -91,7 +92,7 @@ impl ClipPrecision {
 }
 
 /// The speed-up over f32 at which `--precision auto` takes BF16.
-const AUTO_BF16_SPEEDUP: f64 = 1.1;
+pub const AUTO_BF16_SPEEDUP: f64 = 1.1;
 
 impl std::str::FromStr for ClipPrecision {
     type Err = String;

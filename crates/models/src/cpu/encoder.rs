@@ -58,8 +58,10 @@ pub enum Precision {
     F16Weights,
     /// The attention output projection and the MLP on BF16 dot products: activations and
     /// weights rounded to bf16, products accumulated in f32 (AVX-512 BF16; f32 on CPUs
-    /// without it). The QKV projection, LayerNorm, softmax, attention and the residual
-    /// stream stay f32.
+    /// without it). The QKV projection stays f32, or on AMX tiles (where the BF16 kernel
+    /// is several times f32's speed) runs on three bf16 terms of activations and weights
+    /// ([`crate::bf16_gemm::PackedB::pack_transposed_x3`]), as exact as f32 to ~2⁻¹⁶.
+    /// LayerNorm, softmax, attention and the residual stream stay f32.
     Bf16,
     /// As `Bf16`, and the QKV projection too: faster, less exact attention.
     Bf16WithQkv,
@@ -121,6 +123,8 @@ enum Kind {
     F32,
     F16,
     Bf16,
+    /// Three bf16 terms: near-f32 products on the BF16 kernel, at three times its work.
+    Bf16x3,
     Int8,
 }
 
@@ -131,6 +135,7 @@ impl Dense {
         let w = match kind {
             Kind::F16 => PackedWeight::F16(crate::cpu::Packed::pack_transposed(w, n, k)),
             Kind::Int8 => PackedWeight::I8(std::sync::Arc::new(crate::int8_gemm::PackedI8::pack_transposed(w, n, k))),
+            Kind::Bf16x3 => PackedWeight::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedB::pack_transposed_x3(w, n, k))),
             Kind::Bf16 | Kind::F32 => PackedWeight::from_torch(w, n, k, kind == Kind::Bf16),
         };
         Dense { w, b: b.to_vec() }
@@ -192,7 +197,8 @@ impl EncoderLayer {
             // Q·Kᵀ goes through a softmax that sharpens any error in Q or K: with the QKV
             // projection in bf16 too, the tiny parity fixture's image embeddings reached
             // only cosine 0.9977 against f32; with it in f32 (`Precision::Bf16`), 0.99994.
-            Precision::Bf16 => (Kind::F32, Kind::Bf16),
+            // On AMX three terms (3× the work at 4–6× f32's rate) beat f32 and are as exact.
+            Precision::Bf16 => (if isa >= Isa::Amx { Kind::Bf16x3 } else { Kind::F32 }, Kind::Bf16),
             Precision::Bf16WithQkv => (Kind::Bf16, Kind::Bf16),
             // QKV stays on BF16 (f32 without it): the softmax sharpens its error. With QKV
             // in int8 too, the sharp tiny-b fixture's first-step logits moved 0.26 from
@@ -477,9 +483,24 @@ mod tests {
                     // Int8 without VNNI falls back to BF16 (QKV too), where the CPU has it.
                     let bf16 = isa >= Isa::Avx512Bf16 && matches!(precision, Precision::Bf16 | Precision::Int8) && !int8;
                     assert_eq!(layer.is_bf16(), bf16);
-                    // Int8's QKV is BF16 in any case where the CPU has it.
-                    let qkv_bf16 = isa >= Isa::Avx512Bf16 && precision == Precision::Int8;
+                    // Int8's QKV is BF16 in any case where the CPU has it; Bf16's is three
+                    // bf16 terms on AMX, else f32.
+                    let qkv_x3 = isa >= Isa::Amx && precision == Precision::Bf16;
+                    let qkv_bf16 = isa >= Isa::Avx512Bf16 && precision == Precision::Int8 || qkv_x3;
                     assert_eq!(matches!(layer.qkv.w, PackedWeight::Bf16(_)), qkv_bf16);
+                    if let PackedWeight::Bf16(b) = &layer.qkv.w {
+                        assert_eq!(b.terms(), if qkv_x3 { 3 } else { 1 });
+                    }
+                    if qkv_x3 {
+                        // As exact as f32 to about 2⁻¹⁶, unlike one bf16 term (~2⁻⁹).
+                        let f32_qkv = Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, Kind::F32);
+                        let (mut y3, mut y32) = (vec![0f32; batch * seq * 3 * h], vec![0f32; batch * seq * 3 * h]);
+                        layer.qkv.forward(isa, &x, batch * seq, &mut y3, Epilogue::STORE);
+                        f32_qkv.forward(Isa::Scalar, &x, batch * seq, &mut y32, Epilogue::STORE);
+                        let y32: Vec<f64> = y32.iter().map(|&v| v as f64).collect();
+                        let err = crate::bf16_gemm::tests::rel_err(&y3, &y32);
+                        assert!(err < 3e-5, "{isa} three-term QKV: relative error {err:e} against f32");
+                    }
                     let f16 = precision == Precision::F16Weights;
                     assert_eq!(matches!(layer.fc1.w, PackedWeight::F16(_)), f16);
                     let mut y = x.clone();
