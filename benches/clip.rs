@@ -74,6 +74,8 @@ struct Run {
     /// Per batch size (1 and 16): per encoder stage (name, ms per image, GFLOP/s), and the
     /// ms per image outside the encoder layers (patch embedding, pre/post LN, projection).
     stages: Vec<(usize, Vec<(&'static str, f64, f64)>, f64)>,
+    /// The same for text queries of 8 and 77 tokens (ms per query).
+    text_stages: Vec<(usize, Vec<(&'static str, f64, f64)>, f64)>,
 }
 
 fn pixels(size: usize, b: usize) -> Vec<Pixels> {
@@ -126,7 +128,28 @@ fn measure(clip: &Clip, min: Duration) -> Run {
             .collect();
         stages.push((b, st, per_img(total - secs.iter().sum::<f64>())));
     }
-    Run { precision: clip.precision(), img_rate, text_ms, stages }
+    let mut text_stages = Vec::new();
+    for t in [8usize, 77] {
+        let ids = vec![std::iter::once(49406).chain(std::iter::repeat_n(320, t - 2)).chain(std::iter::once(49407)).collect::<Vec<u32>>()];
+        let reps = 40;
+        clip.embed_ids(&ids).unwrap();
+        profile::enable(true);
+        profile::take();
+        let start = Instant::now();
+        for _ in 0..reps {
+            clip.embed_ids(&ids).unwrap();
+        }
+        let total = start.elapsed().as_secs_f64();
+        profile::enable(false);
+        let secs = profile::take();
+        let flops = clip.clip_model().text_model.encoder_flops(1, t).unwrap_or([0.0; 6]);
+        let per_q = |s: f64| s / reps as f64 * 1000.0;
+        let st = (0..6)
+            .map(|i| (profile::STAGES[i], per_q(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
+            .collect();
+        text_stages.push((t, st, per_q(total - secs.iter().sum::<f64>())));
+    }
+    Run { precision: clip.precision(), img_rate, text_ms, stages, text_stages }
 }
 
 /// GFLOP/s of register-only loops on `threads` threads: f32 FMA, and BF16 dot products
@@ -315,9 +338,11 @@ fn main() {
     }
     for run in &runs {
         let peak = if run.precision == "bf16" { bf16_peak.unwrap_or(f32_peak) } else { f32_peak };
-        for (b, stages, other_ms) in &run.stages {
+        let tables = run.stages.iter().map(|(b, s, o)| (format!("batch {b}"), "image", s, o));
+        let text = run.text_stages.iter().map(|(t, s, o)| (format!("text, {t} tokens"), "query", s, o));
+        for (what, per, stages, other_ms) in tables.chain(text) {
         let total: f64 = stages.iter().map(|s| s.1).sum::<f64>() + other_ms;
-        println!("  {} batch {b} ({total:.2} ms per image)", run.precision);
+        println!("  {} {what} ({total:.2} ms per {per})", run.precision);
         for (name, ms, gf) in stages {
             // Attention runs on the f32 kernels in both precisions.
             let pk = if *name == "attention" { f32_peak } else { peak };

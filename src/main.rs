@@ -877,13 +877,16 @@ fn parse_precision(s: &str) -> Result<PrecisionArg, String> {
     }
 }
 
-/// `{"cpu": level, "clip_precision": …}` for `status --json` when CLIP would run on the CPU.
+/// `{"cpu": level, "clip_precision": …, "bf16_speedup": …}` for `status --json` when CLIP
+/// would run on the CPU; the speed-up (BF16 GEMM over f32, measured here) is null on a
+/// CPU without BF16 dot products.
 fn compute_json(g: &Global) -> Option<serde_json::Value> {
     if !magpie_models::select_device(g.device).is_ok_and(|d| d.is_cpu()) {
         return None;
     }
     let isa = magpie_models::cpu::Isa::detect();
-    Some(serde_json::json!({ "cpu": isa.name(), "clip_precision": g.precision.resolve(isa) }))
+    let speedup = magpie_models::bf16_gemm::speedup_over_f32(isa);
+    Some(serde_json::json!({ "cpu": isa.name(), "clip_precision": g.precision.resolve(isa), "bf16_speedup": speedup }))
 }
 
 fn describe_device(d: Device) -> String {

@@ -227,6 +227,13 @@ impl TextTransformer {
         })
     }
 
+    /// Floating-point operations per encoder stage (as `cpu::encoder::profile::STAGES`) of
+    /// one forward of `batch` sequences of `seq` tokens, where the layers run on the CPU
+    /// kernels.
+    pub fn encoder_flops(&self, batch: usize, seq: usize) -> Option<[f64; 6]> {
+        self.encoder.cpu_flops(batch, seq)
+    }
+
     /// Where transformers pools: with the legacy `eos_token_id == 2` the highest id (the
     /// EOS of the original vocabulary), otherwise the first `eos_token_id`.
     pub fn pool_index(&self, ids: &[u32]) -> usize {
