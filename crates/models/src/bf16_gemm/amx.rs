@@ -286,6 +286,9 @@ unsafe fn block2(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
     );
 }
 
+/// How many steps of K ahead [`block1`] prefetches its B rows.
+const PREFETCH_STEPS: usize = 4;
+
 /// [`block2`] for the last 16 rows: a 16 × 32 block in tmm0 and tmm1. The tiles of the
 /// second row of C are free here, so the operands are double-buffered instead: even steps
 /// in tmm4, tmm6, tmm7, odd ones in tmm5, tmm2, tmm3.
@@ -315,6 +318,16 @@ unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
     let mut st = 0;
     // Invariant: step `st` is loaded, in the even tiles if `st` is even.
     while st + 1 < steps {
+        // Few rows (a text query) stream the weights once: the hardware prefetchers miss
+        // the tiles' 128-byte rows 256 bytes apart. Fetching the rows of the step after
+        // next-but-two measured 1.1–1.35× faster streaming at 8 rows.
+        if st + PREFETCH_STEPS < steps {
+            let q = bp(st + PREFETCH_STEPS);
+            for r in 0..16 {
+                _mm_prefetch::<_MM_HINT_T0>(q.add(r * B_STRIDE) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(q.add(r * B_STRIDE + 64) as *const i8);
+            }
+        }
         if st % 2 == 0 {
             asm!(
                 "tileloadd tmm5, [{a0} + {la}*1]",
