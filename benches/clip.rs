@@ -296,7 +296,10 @@ fn main() {
 
     let (f32_peak, dot_peak) = peaks(threads);
     // On AMX the BF16 GEMM runs on tiles: their peak is the ceiling.
+    #[cfg(target_arch = "x86_64")]
     let amx_peak = magpie_models::bf16_gemm::amx::peak_gflops(threads, 10_000_000);
+    #[cfg(not(target_arch = "x86_64"))]
+    let amx_peak: Option<f64> = None;
     let bf16_peak = amx_peak.or(dot_peak);
     println!("\nCLIP {} ({}), {threads} threads", model_dir.display(), clip.info().id);
     println!("{:<28} {:>10} {:>10} {:>10} {:>12} {:>12}", "", "magpie", "PyTorch", "ONNX RT", "vs PyTorch", "vs ONNX RT");

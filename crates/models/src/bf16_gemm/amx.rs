@@ -42,6 +42,13 @@ use crate::cpu::gemm::Epilogue;
 use std::arch::asm;
 use std::arch::x86_64::*;
 
+/// Whether this process may also run AMX INT8 tiles (`tdpbusd`, u8 × s8 into i32):
+/// [`available`] and the CPU's AMX-INT8 bit. Used by [`crate::int8_gemm`].
+pub fn int8_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| available() && __cpuid_count(7, 0).edx >> 25 & 1 == 1)
+}
+
 /// Whether this process may run AMX BF16 tile instructions: the CPU has AMX-TILE,
 /// AMX-BF16 and the AVX-512 BF16 set (the conversion and the epilogue use AVX-512), the
 /// operating system saves tile state (XCR0 bits 17 and 18), and Linux granted this process
@@ -126,7 +133,7 @@ const B_STRIDE: usize = NR * 4;
 
 thread_local! {
     /// A task's C block accumulators between K blocks, kept for the thread's next task.
-    static ACC: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    pub(crate) static ACC: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// One task of [`super::x86::gemm`] on AMX: C[m0..m1, panels p0..p1] over all of K.
@@ -152,49 +159,11 @@ pub(super) unsafe fn task(
 ) {
     debug_assert_eq!(b.nr, NR);
     debug_assert!(lda >= b.kps && b.kps.is_multiple_of(16));
-    let steps = b.kps / 16; // K in tiles of 16 pairs
-    let kcs = (kc / 16).max(1);
-    let blocks = (m1 - m0).div_ceil(16); // 16-row blocks, the last one partly padding
     let width = (p1 - p0) * NR;
     let mut acc = ACC.take();
-    if acc.len() < blocks * 16 * width {
-        acc = vec![0.0; blocks * 16 * width];
-    }
+    // SAFETY: as this function's; the panels hold kps pairs of B_STRIDE bytes.
+    accumulate::<false>(abf as *const u8, lda * 4, &|jp| b.panel(jp).as_ptr() as *const u8, b.kps / 16, (m0, m1), (p0, p1), (kc / 16).max(1), &mut acc);
     let accp = acc.as_mut_ptr();
-    let (lda_b, ldacc_b) = (lda * 4, width * 4);
-
-    // SAFETY (the asm blocks below): `available()` was checked by the caller. Every tile
-    // load reads 16 rows of 64 bytes at the given stride, inside the buffers described
-    // above: A rows i..i+16 of pairs s·16..s·16+16 (i < m1.next_multiple_of(16),
-    // s·16 + 16 ≤ kps ≤ lda); B pairs of one panel, below kps, 16 or 32 of its NR columns;
-    // the accumulator rows below blocks·16, columns below width. The stores write the
-    // accumulators only.
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-    let mut s0 = 0;
-    while s0 < steps {
-        let sn = kcs.min(steps - s0);
-        let zero = s0 == 0;
-        let mut blk = 0;
-        while blk < blocks {
-            let two = blk + 1 < blocks;
-            let a = abf.add((m0 + blk * 16) * lda + s0 * 16) as *const u8;
-            for jp in p0..p1 {
-                let bp = b.panel(jp).as_ptr().add(s0 * 16 * NR) as *const u8;
-                for half in 0..2 {
-                    let bh = bp.add(half * 128);
-                    let cp = accp.add(blk * 16 * width + (jp - p0) * NR + half * 32) as *mut u8;
-                    if two {
-                        block2(sn, a, lda_b, bh, cp, ldacc_b, zero);
-                    } else {
-                        block1(sn, a, lda_b, bh, cp, ldacc_b, zero);
-                    }
-                }
-            }
-            blk += if two { 2 } else { 1 };
-        }
-        s0 += sn;
-    }
-    asm!("tilerelease", options(nostack, nomem, preserves_flags));
 
     // The epilogue: C (=|+=) acc + bias, then the activation.
     let j0 = p0 * NR;
@@ -220,6 +189,79 @@ pub(super) unsafe fn task(
     ACC.set(acc);
 }
 
+/// The tile loops of a task, for both element types: the sums of A rows `m0..m1` (rows
+/// `lda` bytes apart, 64 bytes per step of K) times the panels `p0..p1` (`panel(jp)`:
+/// `steps` steps of 16 rows `B_STRIDE` bytes apart) into `acc`, `⌈(m1−m0)/16⌉·16` rows
+/// of `(p1−p0)·NR` values (f32 for BF16, i32 bits for INT8), K cut into blocks of
+/// `kcs` steps.
+///
+/// # Safety
+/// [`available`] (and [`int8_available`] for `I8`); A readable for rows
+/// `m0..m1.next_multiple_of(16)` and `steps` steps; each panel for `steps` steps.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn accumulate<const I8: bool>(
+    abytes: *const u8,
+    lda_b: usize,
+    panel: &dyn Fn(usize) -> *const u8,
+    steps: usize,
+    (m0, m1): (usize, usize),
+    (p0, p1): (usize, usize),
+    kcs: usize,
+    acc: &mut Vec<f32>,
+) {
+    let blocks = (m1 - m0).div_ceil(16); // 16-row blocks, the last one partly padding
+    let width = (p1 - p0) * NR;
+    if acc.len() < blocks * 16 * width {
+        *acc = vec![0.0; blocks * 16 * width];
+    }
+    let accp = acc.as_mut_ptr();
+    let ldacc_b = width * 4;
+    if steps == 0 {
+        acc[..blocks * 16 * width].fill(0.0); // +0.0 and integer 0 have the same bits
+        return;
+    }
+
+    // SAFETY (the asm blocks below): the caller vouches for the CPU. Every tile load
+    // reads 16 rows of 64 bytes at the given stride, inside the buffers described above:
+    // A rows i..i+16 of step s (i < m1.next_multiple_of(16), s < steps); B steps of one
+    // panel, 16 or 32 of its NR columns; the accumulator rows below blocks·16, columns
+    // below width. The stores write the accumulators only.
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+    let mut s0 = 0;
+    while s0 < steps {
+        let sn = kcs.min(steps - s0);
+        let zero = s0 == 0;
+        let mut blk = 0;
+        while blk < blocks {
+            let two = blk + 1 < blocks;
+            let a = abytes.add((m0 + blk * 16) * lda_b + s0 * 64);
+            for jp in p0..p1 {
+                let bp = panel(jp).add(s0 * 16 * B_STRIDE);
+                for half in 0..2 {
+                    let bh = bp.add(half * 128);
+                    let cp = accp.add(blk * 16 * width + (jp - p0) * NR + half * 32) as *mut u8;
+                    match (two, I8) {
+                        (true, false) => block2(sn, a, lda_b, bh, cp, ldacc_b, zero),
+                        (false, false) => block1(sn, a, lda_b, bh, cp, ldacc_b, zero),
+                        (true, true) => block2_i8(sn, a, lda_b, bh, cp, ldacc_b, zero),
+                        (false, true) => block1_i8(sn, a, lda_b, bh, cp, ldacc_b, zero),
+                    }
+                }
+            }
+            blk += if two { 2 } else { 1 };
+        }
+        s0 += sn;
+    }
+    asm!("tilerelease", options(nostack, nomem, preserves_flags));
+}
+
+/// How many steps of K ahead [`block1`] prefetches its B rows.
+const PREFETCH_STEPS: usize = 4;
+
+/// The block kernels for one tile product instruction (`$op`: `tdpbf16ps` for BF16 pairs
+/// into f32, `tdpbusd` for u8 × s8 quads into i32; both take 16 × 64-byte tiles).
+macro_rules! tile_blocks {
+    ($block2:ident, $block1:ident, $op:literal) => {
 /// A 32 × 32 block of C over `steps` tiles of K: C tiles from the accumulators at `c`
 /// (or zero), 4 `tdpbf16ps` per step, back to the accumulators.
 ///
@@ -234,7 +276,7 @@ pub(super) unsafe fn task(
 /// bytes apart with 32 columns, `c` 32 rows `ldc` bytes apart of 32 f32, for `steps ≥ 1`
 /// steps of 64 bytes of A and 16 pairs of B.
 #[inline]
-unsafe fn block2(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u8, ldc: usize, zero: bool) {
+unsafe fn $block2(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u8, ldc: usize, zero: bool) {
     let c1 = c.add(16 * ldc);
     if zero {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
@@ -259,12 +301,12 @@ unsafe fn block2(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
     );
     for st in 1..steps {
         asm!(
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
+            concat!($op, " tmm0, tmm4, tmm6"),
+            concat!($op, " tmm1, tmm4, tmm7"),
             "tileloadd tmm4, [{a0} + {la}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
+            concat!($op, " tmm2, tmm5, tmm6"),
             "tileloadd tmm6, [{b} + {lb}*1]",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            concat!($op, " tmm3, tmm5, tmm7"),
             "tileloadd tmm5, [{a1} + {la}*1]",
             "tileloadd tmm7, [{b} + {lb}*1 + 64]",
             a0 = in(reg) a.add(st * 64), a1 = in(reg) a1.add(st * 64), la = in(reg) lda,
@@ -273,10 +315,10 @@ unsafe fn block2(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
         );
     }
     asm!(
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
+        concat!($op, " tmm0, tmm4, tmm6"),
+        concat!($op, " tmm1, tmm4, tmm7"),
+        concat!($op, " tmm2, tmm5, tmm6"),
+        concat!($op, " tmm3, tmm5, tmm7"),
         "tilestored [{c0} + {s}*1], tmm0",
         "tilestored [{c0} + {s}*1 + 64], tmm1",
         "tilestored [{c1} + {s}*1], tmm2",
@@ -286,17 +328,14 @@ unsafe fn block2(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
     );
 }
 
-/// How many steps of K ahead [`block1`] prefetches its B rows.
-const PREFETCH_STEPS: usize = 4;
-
-/// [`block2`] for the last 16 rows: a 16 × 32 block in tmm0 and tmm1. The tiles of the
+/// The 32-row block for the last 16 rows: a 16 × 32 block in tmm0 and tmm1. The tiles of the
 /// second row of C are free here, so the operands are double-buffered instead: even steps
 /// in tmm4, tmm6, tmm7, odd ones in tmm5, tmm2, tmm3.
 ///
 /// # Safety
 /// As [`block2`], with 16 rows of A and C.
 #[inline]
-unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u8, ldc: usize, zero: bool) {
+unsafe fn $block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u8, ldc: usize, zero: bool) {
     if zero {
         asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem, preserves_flags));
     } else {
@@ -333,8 +372,8 @@ unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
                 "tileloadd tmm5, [{a0} + {la}*1]",
                 "tileloadd tmm2, [{b} + {lb}*1]",
                 "tileloadd tmm3, [{b} + {lb}*1 + 64]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm1, tmm4, tmm7"),
                 a0 = in(reg) ap(st + 1), la = in(reg) lda, b = in(reg) bp(st + 1), lb = in(reg) B_STRIDE,
                 options(nostack, readonly, preserves_flags)
             );
@@ -343,8 +382,8 @@ unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
                 "tileloadd tmm4, [{a0} + {la}*1]",
                 "tileloadd tmm6, [{b} + {lb}*1]",
                 "tileloadd tmm7, [{b} + {lb}*1 + 64]",
-                "tdpbf16ps tmm0, tmm5, tmm2",
-                "tdpbf16ps tmm1, tmm5, tmm3",
+                concat!($op, " tmm0, tmm5, tmm2"),
+                concat!($op, " tmm1, tmm5, tmm3"),
                 a0 = in(reg) ap(st + 1), la = in(reg) lda, b = in(reg) bp(st + 1), lb = in(reg) B_STRIDE,
                 options(nostack, readonly, preserves_flags)
             );
@@ -352,9 +391,9 @@ unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
         st += 1;
     }
     if st % 2 == 0 {
-        asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem, preserves_flags));
+        asm!(concat!($op, " tmm0, tmm4, tmm6"), concat!($op, " tmm1, tmm4, tmm7"), options(nostack, nomem, preserves_flags));
     } else {
-        asm!("tdpbf16ps tmm0, tmm5, tmm2", "tdpbf16ps tmm1, tmm5, tmm3", options(nostack, nomem, preserves_flags));
+        asm!(concat!($op, " tmm0, tmm5, tmm2"), concat!($op, " tmm1, tmm5, tmm3"), options(nostack, nomem, preserves_flags));
     }
     asm!(
         "tilestored [{c0} + {s}*1], tmm0",
@@ -363,6 +402,11 @@ unsafe fn block1(steps: usize, a: *const u8, lda: usize, b: *const u8, c: *mut u
         options(nostack, preserves_flags)
     );
 }
+    };
+}
+
+tile_blocks!(block2, block1, "tdpbf16ps");
+tile_blocks!(block2_i8, block1_i8, "tdpbusd");
 
 /// GFLOP/s of `tdpbf16ps` alone on `threads` threads, `iters` rounds of 4 independent
 /// products on tiles that stay in registers: the ceiling the kernel is measured against

@@ -515,7 +515,7 @@ pub fn gemm(isa: Isa, a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]
         PackedWeight::F16(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::Bf16Widened(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
         PackedWeight::Q8(b) => gemm_f32(isa.f32_level(), a, k, m, b, bias, c, n, ep),
-        PackedWeight::I8(b) => crate::int8_gemm::gemm_ep(a, m, b, bias, c, ep),
+        PackedWeight::I8(b) => crate::int8_gemm::gemm_at(isa, a, m, b, bias, c, ep),
     }
 }
 
