@@ -1298,4 +1298,31 @@ mod tests {
         let w = PackedWeight::F32(PackedF32::pack(&[0.0; 6], 2, 3));
         gemm(Isa::Scalar, &[0.0; 5], 2, &w, None, &mut [0.0; 6], Epilogue::STORE);
     }
+
+    /// GFLOP/s of the f32 kernel on the ViT GEMM shapes (compare with the f32 FMA peak of
+    /// `cargo bench --bench clip`):
+    /// `cargo test -p magpie-models --release --lib f32_gflops -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn f32_gflops() {
+        let isa = Isa::detect().f32_level();
+        eprintln!("f32 kernel at {isa}, {} threads; GFLOP/s, best of 10", rayon::current_num_threads());
+        let mut rng = Rng(5);
+        for (m, k, n) in [(800, 768, 3072), (800, 3072, 768), (800, 768, 2304), (50, 768, 3072), (257, 1408, 6144), (600, 128, 64)] {
+            let (a, w_nk, bias) = (rng.vec(m * k), rng.vec(n * k), rng.vec(n));
+            let w = PackedWeight::F32(PackedF32::pack_transposed(&w_nk, n, k));
+            let mut c = vec![0f32; m * n];
+            let flops = 2.0 * (m * k * n) as f64;
+            let reps = ((2e9 / flops) as usize).clamp(1, 50);
+            let mut best = f64::MAX;
+            for _ in 0..10 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    gemm(isa, &a, m, &w, Some(&bias), &mut c, Epilogue::STORE);
+                }
+                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            eprintln!("{m:>5} {k:>5} {n:>5}  {:>7.1}", flops / best / 1e9);
+        }
+    }
 }
