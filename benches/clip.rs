@@ -107,49 +107,43 @@ fn measure(clip: &Clip, min: Duration) -> Run {
         });
         text_ms.push((t, dt * 1000.0));
     }
-    // Per-stage time of the vision encoder at batch 1 and 16.
+    // Per-stage time of the vision encoder at batch 1 and 16, and of text queries.
     let mut stages = Vec::new();
     for (b, reps) in [(1, 40), (16, 6)] {
         let batch = pixels(size, b);
-        clip.embed_pixels(&batch).unwrap();
-        profile::enable(true);
-        profile::take();
-        let t = Instant::now();
-        for _ in 0..reps {
-            clip.embed_pixels(&batch).unwrap();
-        }
-        let total = t.elapsed().as_secs_f64();
-        profile::enable(false);
-        let secs = profile::take();
         let flops = clip.clip_model().vision_model.encoder_flops(b).unwrap_or([0.0; 6]);
-        let per_img = |s: f64| s / (reps * b) as f64 * 1000.0;
-        let st = (0..6)
-            .map(|i| (profile::STAGES[i], per_img(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
-            .collect();
-        stages.push((b, st, per_img(total - secs.iter().sum::<f64>())));
+        let (st, other) = profiled(reps, b, flops, || drop(clip.embed_pixels(&batch).unwrap()));
+        stages.push((b, st, other));
     }
     let mut text_stages = Vec::new();
     for t in [8usize, 77] {
         let ids = vec![std::iter::once(49406).chain(std::iter::repeat_n(320, t - 2)).chain(std::iter::once(49407)).collect::<Vec<u32>>()];
-        let reps = 40;
-        clip.embed_ids(&ids).unwrap();
-        profile::enable(true);
-        profile::take();
-        let start = Instant::now();
-        for _ in 0..reps {
-            clip.embed_ids(&ids).unwrap();
-        }
-        let total = start.elapsed().as_secs_f64();
-        profile::enable(false);
-        let secs = profile::take();
         let flops = clip.clip_model().text_model.encoder_flops(1, t).unwrap_or([0.0; 6]);
-        let per_q = |s: f64| s / reps as f64 * 1000.0;
-        let st = (0..6)
-            .map(|i| (profile::STAGES[i], per_q(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
-            .collect();
-        text_stages.push((t, st, per_q(total - secs.iter().sum::<f64>())));
+        let (st, other) = profiled(40, 1, flops, || drop(clip.embed_ids(&ids).unwrap()));
+        text_stages.push((t, st, other));
     }
     Run { precision: clip.precision(), img_rate, text_ms, stages, text_stages }
+}
+
+/// `run` (one forward of `items` images or queries) `reps` times with the encoder's stage
+/// clocks on, after one warm-up call: per stage (name, ms per item, GFLOP/s from `flops`
+/// per forward), and the ms per item outside the encoder layers.
+fn profiled(reps: usize, items: usize, flops: [f64; 6], mut run: impl FnMut()) -> (Vec<(&'static str, f64, f64)>, f64) {
+    run();
+    profile::enable(true);
+    profile::take();
+    let t = Instant::now();
+    for _ in 0..reps {
+        run();
+    }
+    let total = t.elapsed().as_secs_f64();
+    profile::enable(false);
+    let secs = profile::take();
+    let per_item = |s: f64| s / (reps * items) as f64 * 1000.0;
+    let st = (0..6)
+        .map(|i| (profile::STAGES[i], per_item(secs[i]), flops[i] * reps as f64 / secs[i] / 1e9))
+        .collect();
+    (st, per_item(total - secs.iter().sum::<f64>()))
 }
 
 /// GFLOP/s of register-only loops on `threads` threads: f32 FMA, and BF16 dot products
