@@ -343,17 +343,24 @@ fn every_cpu_level_embeds_alike() {
     for what in [&["--image", photo][..], &["--text", "a cat on a sofa"][..]] {
         let (reference, _) = run("scalar", "f32", what);
         assert_eq!(reference.len(), 24);
-        for isa in ["avx2", "avx512", "avx512bf16"] {
+        for isa in ["avx2", "avx512", "avx512bf16", "amx"] {
             let (v, _) = run(isa, "f32", what);
             let worst = v.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst < 1e-5, "{isa} f32 vs scalar: max difference {worst}");
         }
-        let (v, _) = run("avx512bf16", "bf16", what);
-        assert!(cos(&v, &reference) > 0.999, "bf16: cosine {}", cos(&v, &reference));
+        // BF16 on AVX-512 dot products and on AMX tiles (three-term QKV there), each
+        // falling back to f32 where the CPU lacks it.
+        for isa in ["avx512bf16", "amx"] {
+            let (v, _) = run(isa, "bf16", what);
+            assert!(cos(&v, &reference) > 0.999, "{isa} bf16: cosine {}", cos(&v, &reference));
+        }
     }
     // Status names the level in use: capped by the variable, never above the CPU's.
     assert_eq!(status("scalar")["compute"]["cpu"], "scalar");
     assert_eq!(status("scalar")["compute"]["clip_precision"], "f32");
-    let top = status("avx512bf16")["compute"]["cpu"].as_str().unwrap().to_string();
-    assert!(["scalar", "avx2", "avx512", "avx512bf16"].contains(&top.as_str()));
+    let below = status("avx512bf16")["compute"]["cpu"].as_str().unwrap().to_string();
+    assert!(["scalar", "avx2", "avx512", "avx512bf16"].contains(&below.as_str()), "{below}");
+    let top = status("amx")["compute"]["cpu"].as_str().unwrap().to_string();
+    assert!(["scalar", "avx2", "avx512", "avx512bf16", "amx"].contains(&top.as_str()), "{top}");
+    assert_eq!(top == "amx", magpie_models::bf16_gemm::amx_available(), "{top}");
 }
