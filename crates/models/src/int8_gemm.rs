@@ -525,6 +525,15 @@ mod x86 {
         let cols = width.min(b.n - j0);
         // Per column: s_w, s_w Σ q_w and the bias (zero-padded to whole panels, except
         // the bias, read under the mask).
+        // One K block: every row starts as the VNNI kernel's first block does.
+        let first = First {
+            bias: bias.map(|p| p.add(j0)),
+            accumulate: ep.accumulate,
+            no: outl.no,
+            xo: outl.xo.as_ptr(),
+            wo: if outl.no > 0 { outl.wo.as_ptr().add(j0) } else { std::ptr::null() },
+            ldw: outl.ldw,
+        };
         for i in m0..m1 {
             let (s, z) = (_mm512_set1_ps(sa[i]), _mm512_set1_ps(zs[i]));
             let row = sums.add((i - m0) * width);
@@ -532,15 +541,7 @@ mod x86 {
             let mut j = 0;
             while j < cols {
                 let mask = mask16(cols - j);
-                let mut base = if ep.accumulate { _mm512_maskz_loadu_ps(mask, dst.add(j)) } else { _mm512_setzero_ps() };
-                if let Some(bias) = bias {
-                    base = _mm512_add_ps(base, _mm512_maskz_loadu_ps(mask, bias.add(j0 + j)));
-                }
-                for o in 0..outl.no {
-                    let x = _mm512_set1_ps(outl.xo[i * outl.no + o]);
-                    base = _mm512_fmadd_ps(x, _mm512_loadu_ps(outl.wo.as_ptr().add(o * outl.ldw + j0 + j)), base);
-                }
-                base = _mm512_fnmadd_ps(z, _mm512_loadu_ps(b.wsum.as_ptr().add(j0 + j)), base);
+                let base = first_base(&first, i, j, dst.add(j), mask, z, _mm512_loadu_ps(b.wsum.as_ptr().add(j0 + j)));
                 let sum = _mm512_cvtepi32_ps(_mm512_loadu_si512(row.add(j) as *const __m512i));
                 let y = _mm512_fmadd_ps(sum, _mm512_mul_ps(s, _mm512_loadu_ps(b.scale.as_ptr().add(j0 + j))), base);
                 _mm512_mask_storeu_ps(dst.add(j), mask, y);
@@ -608,17 +609,7 @@ mod x86 {
                 let p = c.add(r * ldc + v * 16);
                 let base = match first {
                     None => load(p, v),
-                    Some(f) => {
-                        let mut base = if f.accumulate { load(p, v) } else { _mm512_setzero_ps() };
-                        if let Some(bias) = f.bias {
-                            base = _mm512_add_ps(base, load(bias.add(v * 16), v));
-                        }
-                        for o in 0..f.no {
-                            let x = _mm512_set1_ps(*f.xo.add(r * f.no + o));
-                            base = _mm512_fmadd_ps(x, _mm512_loadu_ps(f.wo.add(o * f.ldw + v * 16)), base);
-                        }
-                        _mm512_fnmadd_ps(z, wsv[v], base)
-                    }
+                    Some(f) => first_base(&f, r, v * 16, p, if full { u16::MAX } else { mask[v] }, z, wsv[v]),
                 };
                 let y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(row[v]), _mm512_mul_ps(s, swv[v]), base);
                 if full {
@@ -628,6 +619,29 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// The start of 16 outputs on the first K block, before the integer sums are added:
+    /// C (when accumulating) + the bias + the outlier columns' part − `s_a z · s_w Σ q_w`,
+    /// for row `r` of `f`'s tile and its columns `col..col + 16` (`c` pointing at them,
+    /// `mask` the ones inside N, `z` = `s_a z` of the row, `ws` = `s_w Σ q_w` of the columns).
+    ///
+    /// # Safety
+    /// As [`kernel`]'s first block: `f`'s pointers readable for the tile's rows and
+    /// columns (the outliers' weights for whole panels), `c` under `mask`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn first_base(f: &First, r: usize, col: usize, c: *const f32, mask: u16, z: __m512, ws: __m512) -> __m512 {
+        let mut base = if f.accumulate { _mm512_maskz_loadu_ps(mask, c) } else { _mm512_setzero_ps() };
+        if let Some(bias) = f.bias {
+            base = _mm512_add_ps(base, _mm512_maskz_loadu_ps(mask, bias.add(col)));
+        }
+        for o in 0..f.no {
+            let x = _mm512_set1_ps(*f.xo.add(r * f.no + o));
+            base = _mm512_fmadd_ps(x, _mm512_loadu_ps(f.wo.add(o * f.ldw + col)), base);
+        }
+        _mm512_fnmadd_ps(z, ws, base)
     }
 
     /// The range of row `x`, widened to include 0, and `colmax[c] = max(colmax[c], |x[c]|)`.

@@ -196,7 +196,7 @@ pub(super) unsafe fn task(
 /// `kcs` steps.
 ///
 /// # Safety
-/// [`available`] (and [`int8_available`] for `I8`); A readable for rows
+/// [`available`] (and [`int8_available`] for `I8`); `steps ≥ 1`; A readable for rows
 /// `m0..m1.next_multiple_of(16)` and `steps` steps; each panel for `steps` steps.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn accumulate<const I8: bool>(
@@ -216,10 +216,7 @@ pub(crate) unsafe fn accumulate<const I8: bool>(
     }
     let accp = acc.as_mut_ptr();
     let ldacc_b = width * 4;
-    if steps == 0 {
-        acc[..blocks * 16 * width].fill(0.0); // +0.0 and integer 0 have the same bits
-        return;
-    }
+    debug_assert!(steps > 0, "the callers take K = 0 elsewhere");
 
     // SAFETY (the asm blocks below): the caller vouches for the CPU. Every tile load
     // reads 16 rows of 64 bytes at the given stride, inside the buffers described above:
