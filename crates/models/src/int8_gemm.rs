@@ -519,7 +519,7 @@ mod x86 {
         let width = (p1 - p0) * NR;
         let mut acc = amx::ACC.take();
         // SAFETY: as this function's; the panels hold kqs quads of NR words.
-        amx::accumulate::<true>(aq.as_ptr() as *const u8, lda * 4, &|jp| b.panel(jp).as_ptr() as *const u8, b.kqs / 16, (m0, m1), (p0, p1), (kc / 16).max(1), &mut acc);
+        amx::accumulate::<true>(aq.as_ptr() as *const u8, lda * 4, &|jp| b.panel(jp).as_ptr() as *const u8, b.kqs / 16, usize::MAX, (m0, m1), (p0, p1), (kc / 16).max(1), &mut acc);
         let sums = acc.as_ptr() as *const i32;
         let j0 = p0 * NR;
         let cols = width.min(b.n - j0);

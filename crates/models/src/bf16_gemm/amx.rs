@@ -158,11 +158,13 @@ pub(super) unsafe fn task(
     ep: Epilogue,
 ) {
     debug_assert_eq!(b.nr, NR);
-    debug_assert!(lda >= b.kps && b.kps.is_multiple_of(16));
+    let (depth, restart) = (b.depth_pairs(), b.restart_pair());
+    debug_assert!(lda >= depth && b.kps.is_multiple_of(16) && b.stored_pair(depth - 1) < b.kps);
     let width = (p1 - p0) * NR;
     let mut acc = ACC.take();
-    // SAFETY: as this function's; the panels hold kps pairs of B_STRIDE bytes.
-    accumulate::<false>(abf as *const u8, lda * 4, &|jp| b.panel(jp).as_ptr() as *const u8, b.kps / 16, (m0, m1), (p0, p1), (kc / 16).max(1), &mut acc);
+    // SAFETY: as this function's; the panels hold kps pairs of B_STRIDE bytes, which the
+    // logical steps map into (the third part of a three-term weight restarting at 0).
+    accumulate::<false>(abf as *const u8, lda * 4, &|jp| b.panel(jp).as_ptr() as *const u8, depth / 16, restart / 16, (m0, m1), (p0, p1), (kc / 16).max(1), &mut acc);
     let accp = acc.as_mut_ptr();
 
     // The epilogue: C (=|+=) acc + bias, then the activation.
@@ -193,17 +195,20 @@ pub(super) unsafe fn task(
 /// `lda` bytes apart, 64 bytes per step of K) times the panels `p0..p1` (`panel(jp)`:
 /// `steps` steps of 16 rows `B_STRIDE` bytes apart) into `acc`, `⌈(m1−m0)/16⌉·16` rows
 /// of `(p1−p0)·NR` values (f32 for BF16, i32 bits for INT8), K cut into blocks of
-/// `kcs` steps.
+/// `kcs` steps. From step `restart` on (a three-term weight's third part) the panels are
+/// read from their first step again; blocks are cut there (`restart ≥ steps`: never).
 ///
 /// # Safety
 /// [`available`] (and [`int8_available`] for `I8`); `steps ≥ 1`; A readable for rows
-/// `m0..m1.next_multiple_of(16)` and `steps` steps; each panel for `steps` steps.
+/// `m0..m1.next_multiple_of(16)` and `steps` steps; each panel for `steps.min(restart)`
+/// steps and for `steps − restart` where that is positive.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn accumulate<const I8: bool>(
     abytes: *const u8,
     lda_b: usize,
     panel: &dyn Fn(usize) -> *const u8,
     steps: usize,
+    restart: usize,
     (m0, m1): (usize, usize),
     (p0, p1): (usize, usize),
     kcs: usize,
@@ -226,14 +231,18 @@ pub(crate) unsafe fn accumulate<const I8: bool>(
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
     let mut s0 = 0;
     while s0 < steps {
-        let sn = kcs.min(steps - s0);
+        let mut sn = kcs.min(steps - s0);
+        if s0 < restart && s0 + sn > restart {
+            sn = restart - s0;
+        }
+        let stored = if s0 >= restart { s0 - restart } else { s0 };
         let zero = s0 == 0;
         let mut blk = 0;
         while blk < blocks {
             let two = blk + 1 < blocks;
             let a = abytes.add((m0 + blk * 16) * lda_b + s0 * 64);
             for jp in p0..p1 {
-                let bp = panel(jp).add(s0 * 16 * B_STRIDE);
+                let bp = panel(jp).add(stored * 16 * B_STRIDE);
                 for half in 0..2 {
                     let bh = bp.add(half * 128);
                     let cp = accp.add(blk * 16 * width + (jp - p0) * NR + half * 32) as *mut u8;

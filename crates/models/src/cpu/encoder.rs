@@ -530,7 +530,7 @@ mod tests {
     #[test]
     #[ignore]
     fn attention_gflops() {
-        for (batch, seq, heads, d) in [(16, 50, 12, 64), (1, 257, 16, 88)] {
+        for (batch, seq, heads, d) in [(16, 50, 12, 64), (1, 50, 12, 64), (1, 257, 16, 88), (1, 77, 8, 64)] {
             let h = heads * d;
             let layer = EncoderLayer::new(&weights(h, 8, heads, Act::Relu, 3), Isa::detect(), Precision::F32);
             let mut s = 5u64;
