@@ -209,14 +209,18 @@ impl Clip {
         if ids.is_empty() {
             return Ok(vec![]);
         }
-        let f = self.model.text_features(ids)?.to_dtype(DType::F32)?;
-        Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
+        crate::cpu::on_pool(|| {
+            let f = self.model.text_features(ids)?.to_dtype(DType::F32)?;
+            Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
+        })
     }
 
     /// L2-normalised embeddings for a (batch, 3, H, W) pixel tensor.
     pub fn embed_pixel_tensor(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let f = self.model.image_features(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
-        Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
+        crate::cpu::on_pool(|| {
+            let f = self.model.image_features(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
+            Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
+        })
     }
 
     /// Stacks preprocessed images into one tensor.

@@ -341,9 +341,11 @@ impl Stack {
         let mut x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let mask: Option<Vec<f32>> = mask.map(|m| m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()).transpose()?;
         let mut buf = self.scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
-        for l in &self.layers {
-            l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
-        }
+        super::on_pool(|| {
+            for l in &self.layers {
+                l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
+            }
+        });
         self.scratch.lock().expect("scratch pool poisoned").push(buf);
         candle_core::Tensor::from_vec(x, (b, s, h), xs.device())?.to_dtype(xs.dtype())
     }
