@@ -143,11 +143,25 @@ impl Encoder {
         }
     }
 
-    /// Per-stage floating-point operations of one forward (see
-    /// [`crate::cpu::EncoderLayer::flops`]), when the layers run on the CPU kernels.
+    /// The layers on `xs` (batch, seq, hidden), keeping row `rows[b]` of each sequence:
+    /// (batch, hidden). On the CPU kernels the last layer computes those rows alone.
+    fn forward_rows(&self, xs: &Tensor, mask: Option<&Tensor>, rows: &[usize]) -> Result<Tensor> {
+        match self {
+            Encoder::Candle(_) => {
+                let (b, s, h) = xs.dims3()?;
+                let idx: Vec<u32> = rows.iter().enumerate().map(|(i, &r)| (i * s + r) as u32).collect();
+                let idx = Tensor::from_vec(idx, b, xs.device())?;
+                self.forward(xs, mask)?.reshape((b * s, h))?.index_select(&idx, 0)
+            }
+            Encoder::Cpu(stack) => stack.forward_rows(xs, mask, rows),
+        }
+    }
+
+    /// Per-stage floating-point operations of one [`forward_rows`](Self::forward_rows)
+    /// (see [`crate::cpu::EncoderLayer::flops`]), when the layers run on the CPU kernels.
     fn cpu_flops(&self, batch: usize, seq: usize) -> Option<[f64; 6]> {
         match self {
-            Encoder::Cpu(stack) => Some(stack.flops(batch, seq)),
+            Encoder::Cpu(stack) => Some(stack.flops_rows(batch, seq)),
             Encoder::Candle(_) => None,
         }
     }
@@ -264,17 +278,15 @@ impl TextTransformer {
             }
             flat.extend_from_slice(ids);
             flat.resize((i + 1) * s, self.cfg.pad_token_id.min(self.cfg.vocab_size as u32 - 1));
-            pool.push((i * s + self.pool_index(ids)) as u32);
+            pool.push(self.pool_index(ids));
         }
         let ids = Tensor::from_vec(flat, b * s, device)?;
         let x = self.token_embedding.index_select(&ids, 0)?.reshape((b, s, self.cfg.hidden_size))?;
         let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         // f32: the attention adds it to f32 scores whatever the weights' dtype.
         let mask = causal_mask(s, DType::F32, device)?;
-        let x = self.encoder.forward(&x, Some(&mask))?;
-        let x = self.final_layer_norm.forward(&x)?;
-        let pool = Tensor::from_vec(pool, b, device)?;
-        x.reshape((b * s, self.cfg.hidden_size))?.index_select(&pool, 0)
+        let x = self.encoder.forward_rows(&x, Some(&mask), &pool)?;
+        self.final_layer_norm.forward(&x)
     }
 }
 
@@ -367,8 +379,9 @@ impl VisionTransformer {
         let cls = self.class_embedding.reshape((1, 1, hidden))?.broadcast_as((b, 1, hidden))?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_layrnorm.forward(&x)?;
-        let x = self.encoder.forward(&x, None)?;
-        self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+        // Pooled at the class token (row 0).
+        let x = self.encoder.forward_rows(&x, None, &vec![0; b])?;
+        self.post_layernorm.forward(&x)
     }
 }
 
