@@ -598,21 +598,79 @@ impl Init {
 /// The task grid of one call: `(mt, nt)` row groups × panel groups, as even as whole
 /// micro-tiles allow, at most about `mc` rows × `nc` columns each, and at least
 /// `per_thread` per thread where the shape allows, so that rayon can even out the threads
-/// (and a core another process is using) by stealing. Shared with the BF16 kernel.
+/// (and a core another process is using) by stealing. Shared with the BF16 and int8
+/// kernels.
+///
+/// Among the grids that keep to those bounds (and at most twice the tasks needed), the
+/// one whose tasks, handed in order to whichever thread is free, finish soonest
+/// ([`grid_span`]); then the one with the fewest row groups (each re-reads the weights),
+/// then the fewest tasks. For 77 rows (13 tiles) × 8 panels on 2 threads, the first grid
+/// that had 8 tasks was 3 × 3: 9 tasks of 8 to 15 tile-panels, one thread doing 57 of the
+/// 104; 1 × 8 gives each 52. Chosen once per shape and thread count (a thread-local cache).
 pub(crate) fn task_grid(m: usize, mr: usize, panels: usize, nr: usize, mc: usize, nc: usize, per_thread: usize) -> (usize, usize) {
-    let rt = m.div_ceil(mr);
-    let mut mt = rt.div_ceil((mc / mr).max(1)).max(1);
-    let mut nt = panels.div_ceil((nc / nr).max(1)).max(1);
-    let want = rayon::current_num_threads() * per_thread;
-    while mt * nt < want && (mt < rt || nt < panels) {
-        // Split the longer side (in micro-tiles) further.
-        if nt < panels && (mt >= rt || panels / nt >= rt / mt) {
-            nt += 1;
-        } else {
-            mt += 1;
+    let threads = rayon::current_num_threads();
+    let key = (m, mr, panels, nr, mc, nc, per_thread, threads);
+    thread_local! {
+        static GRIDS: std::cell::RefCell<std::collections::HashMap<(usize, usize, usize, usize, usize, usize, usize, usize), (usize, usize)>> = Default::default();
+    }
+    if let Some(g) = GRIDS.with(|c| c.borrow().get(&key).copied()) {
+        return g;
+    }
+    let g = choose_grid(m.div_ceil(mr), panels, (mc / mr).max(1), (nc / nr).max(1), threads, per_thread);
+    GRIDS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() > 4096 {
+            c.clear();
+        }
+        c.insert(key, g);
+    });
+    g
+}
+
+/// [`task_grid`] in micro-tiles: `rt` row tiles, `pn` panels, tasks of at most `mtiles`
+/// row tiles and `npanels` panels.
+fn choose_grid(rt: usize, pn: usize, mtiles: usize, npanels: usize, threads: usize, per_thread: usize) -> (usize, usize) {
+    let (rt, pn) = (rt.max(1), pn.max(1));
+    let mt0 = rt.div_ceil(mtiles).clamp(1, rt);
+    let nt0 = pn.div_ceil(npanels).clamp(1, pn);
+    let want = (threads.max(1) * per_thread.max(1)).min(rt * pn);
+    let limit = 2 * want.max(mt0 * nt0);
+    let mut best: Option<((usize, usize, usize), (usize, usize))> = None;
+    for mt in mt0..=rt {
+        if mt * nt0 > limit {
+            break;
+        }
+        for nt in nt0..=pn {
+            let tasks = mt * nt;
+            if tasks > limit {
+                break;
+            }
+            if tasks < want && (mt < rt || nt < pn) {
+                continue;
+            }
+            let key = (grid_span(rt, mt, pn, nt, threads), mt, tasks);
+            if best.is_none_or(|(b, _)| key < b) {
+                best = Some((key, (mt, nt)));
+            }
         }
     }
-    (mt, nt)
+    best.map_or((mt0, nt0), |(_, g)| g)
+}
+
+/// When the last of `threads` threads finishes a grid of `mt × nt` tasks over `rt` row
+/// tiles × `pn` panels (split as the kernels split them), each task taken in order by
+/// the first free thread, counting one unit per tile-panel.
+pub(crate) fn grid_span(rt: usize, mt: usize, pn: usize, nt: usize, threads: usize) -> usize {
+    let mut free = vec![0usize; threads.max(1)];
+    for g in 0..mt {
+        let rows = (g + 1) * rt / mt - g * rt / mt;
+        for h in 0..nt {
+            let cols = (h + 1) * pn / nt - h * pn / nt;
+            let t = (0..free.len()).min_by_key(|&i| free[i]).unwrap_or(0);
+            free[t] += rows * cols;
+        }
+    }
+    free.into_iter().max().unwrap_or(0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1099,6 +1157,43 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_grids_are_even_and_keep_their_bounds() {
+        // (row tiles, panels): text queries, batch-1 and batch-16 images, ViT-g, odd ones.
+        for (rt, pn) in [(13, 8), (13, 32), (13, 24), (2, 8), (2, 32), (9, 36), (9, 12), (9, 48), (134, 48), (134, 12), (43, 22), (1, 1), (1, 5), (7, 1), (3, 3)] {
+            for threads in [1, 2, 3, 4, 8] {
+                let (mtiles, npanels) = (85, 3);
+                let (mt, nt) = choose_grid(rt, pn, mtiles, npanels, threads, 4);
+                assert!(mt >= 1 && mt <= rt && nt >= 1 && nt <= pn, "{rt}×{pn}: {mt}×{nt}");
+                // Tasks no larger than the blocking asks.
+                assert!(rt.div_ceil(mt) <= mtiles && pn.div_ceil(nt) <= npanels, "{rt}×{pn}: {mt}×{nt}");
+                // Enough tasks to steal, where there are that many tiles.
+                assert!(mt * nt >= (threads * 4).min(rt * pn), "{rt}×{pn} on {threads}: {mt}×{nt}");
+                // At least as even as the old rule (split the longer side until there are
+                // enough tasks), and never worse than the busiest thread's fair share plus
+                // one task.
+                let old = {
+                    let (mut a, mut b) = (rt.div_ceil(mtiles).max(1), pn.div_ceil(npanels).max(1));
+                    while a * b < threads * 4 && (a < rt || b < pn) {
+                        if b < pn && (a >= rt || pn / b >= rt / a) {
+                            b += 1
+                        } else {
+                            a += 1
+                        }
+                    }
+                    (a, b)
+                };
+                let span = grid_span(rt, mt, pn, nt, threads);
+                assert!(span <= grid_span(rt, old.0, pn, old.1, threads), "{rt}×{pn} on {threads}: {mt}×{nt} worse than {old:?}");
+                let biggest = rt.div_ceil(mt) * pn.div_ceil(nt);
+                assert!(span <= (rt * pn).div_ceil(threads) + biggest, "{rt}×{pn} on {threads}: span {span}");
+            }
+        }
+        // 77 rows × 512 columns (fc2 of a 77-token query) on 2 threads: perfectly even.
+        assert_eq!(grid_span(13, choose_grid(13, 8, 85, 3, 2, 4).0, 8, choose_grid(13, 8, 85, 3, 2, 4).1, 2), 52);
+        assert_eq!(grid_span(13, 3, 8, 3, 2), 57);
+    }
 
     pub(crate) struct Rng(pub u64);
     impl Rng {
