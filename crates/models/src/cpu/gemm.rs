@@ -537,9 +537,47 @@ pub fn gemm_strided(isa: Isa, a: &[f32], lda: usize, m: usize, w: &PackedF32, c:
 /// accesses during the call.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_strided_raw(isa: Isa, a: &[f32], lda: usize, m: usize, w: &PackedF32, c: *mut f32, ldc: usize, ep: Epilogue) {
-    assert!(m == 0 || a.len() >= (m - 1) * lda + w.k, "cpu::gemm_strided: a too short");
-    assert!(lda >= w.k && ldc >= w.n);
-    let (k, n) = (w.k, w.n);
+    strided_raw(isa, a, lda, m, w, c, ldc, ep)
+}
+
+/// The first `k` rows and `n` columns of a packed weight, as a weight of its own: its
+/// panels are a prefix of the weight's, each panel's rows a prefix of that panel's.
+struct Prefix<'a> {
+    w: &'a PackedF32,
+    k: usize,
+    n: usize,
+}
+
+impl Panels for Prefix<'_> {
+    type E = f32;
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    unsafe fn block(&self, isa: Isa, jp: usize, k0: usize, kn: usize) -> *const f32 {
+        self.w.block(isa, jp, k0, kn)
+    }
+}
+
+/// [`gemm_strided_raw`] with only the first `k` rows and `n` columns of `w` (A has `k`
+/// columns): for attention, where a causal mask leaves the later keys of a block of
+/// queries unused.
+///
+/// # Safety
+/// As [`gemm_strided_raw`], with `n` in place of `w.n()`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided_prefix_raw(isa: Isa, a: &[f32], lda: usize, m: usize, w: &PackedF32, (k, n): (usize, usize), c: *mut f32, ldc: usize, ep: Epilogue) {
+    assert!(k <= w.k && n <= w.n, "cpu::gemm_strided_prefix: {k} × {n} of a {} × {} weight", w.k, w.n);
+    strided_raw(isa, a, lda, m, &Prefix { w, k, n }, c, ldc, ep)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided_raw<P: Panels<E = f32>>(isa: Isa, a: &[f32], lda: usize, m: usize, w: &P, c: *mut f32, ldc: usize, ep: Epilogue) {
+    let (k, n) = (w.k(), w.n());
+    assert!(m == 0 || a.len() >= (m - 1) * lda + k, "cpu::gemm_strided: a too short");
+    assert!(lda >= k && ldc >= n);
     if m == 0 || n == 0 {
         return;
     }
