@@ -104,7 +104,7 @@ impl Blip2ForConditionalGeneration {
 
     /// Image features for the language model (batch, queries, text hidden).
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        crate::cpu::on_pool(|| self.project(&self.qformer_forward(&self.vision_forward(pixel_values)?)?))
+        crate::cpu::on_pool_if(self.query_tokens.device().is_cpu(), || self.project(&self.qformer_forward(&self.vision_forward(pixel_values)?)?))
     }
 
     /// `inputs_embeds` (1, len, width) for one prompt: token embeddings, with the positions
@@ -145,7 +145,7 @@ impl Blip2ForConditionalGeneration {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor> {
-        crate::cpu::on_pool(|| {
+        crate::cpu::on_pool_if(self.query_tokens.device().is_cpu(), || {
             let embeds = self.input_embeds(ids, image_features)?;
             self.language_model.forward(&embeds, &[vec![1; ids.len()]], cache, last_only)
         })
@@ -155,7 +155,7 @@ impl Blip2ForConditionalGeneration {
     /// `image_features` is (batch, queries, width); returns each row's last logits
     /// (batch, 1, vocab).
     pub fn prefill_batch(&self, ids: &[u32], image_features: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        crate::cpu::on_pool(|| {
+        crate::cpu::on_pool_if(self.query_tokens.device().is_cpu(), || {
             let b = image_features.dim(0)?;
             let embeds = (0..b).map(|i| self.input_embeds(ids, &image_features.get(i)?)).collect::<Result<Vec<_>>>()?;
             self.language_model.forward(&Tensor::cat(&embeds, 0)?, &vec![vec![1; ids.len()]; b], cache, true)
@@ -167,7 +167,7 @@ impl Blip2ForConditionalGeneration {
         if cache.batch() != tokens.len() {
             candle_core::bail!("{} tokens for a cache of {} rows", tokens.len(), cache.batch());
         }
-        crate::cpu::on_pool(|| {
+        crate::cpu::on_pool_if(self.query_tokens.device().is_cpu(), || {
             let embeds = self.language_model.embed(tokens)?.unsqueeze(1)?;
             let mask: Vec<Vec<u8>> = cache.mask().iter().map(|m| m.iter().copied().chain([1]).collect()).collect();
             self.language_model.forward(&embeds, &mask, cache, true)?.squeeze(1)

@@ -209,7 +209,7 @@ impl Clip {
         if ids.is_empty() {
             return Ok(vec![]);
         }
-        crate::cpu::on_pool(|| {
+        crate::cpu::on_pool_if(self.device.is_cpu(), || {
             let f = self.model.text_features(ids)?.to_dtype(DType::F32)?;
             Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
         })
@@ -217,7 +217,7 @@ impl Clip {
 
     /// L2-normalised embeddings for a (batch, 3, H, W) pixel tensor.
     pub fn embed_pixel_tensor(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>> {
-        crate::cpu::on_pool(|| {
+        crate::cpu::on_pool_if(self.device.is_cpu(), || {
             let f = self.model.image_features(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
             Ok(model::l2_normalize_rows(&f)?.to_vec2()?)
         })

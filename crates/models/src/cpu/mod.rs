@@ -31,13 +31,23 @@ pub use math::Act;
 /// wake-ups per operation, and a worker idles while the caller is woken. From a pool
 /// thread the caller takes part instead. On a 2-core Zen 4 this took a text query's
 /// few-row GEMMs (8 × 512 × 2048 in bf16, weights from memory) from 105 µs to 60 µs a
-/// call, the rate of a plain read of memory (`bench_gflops` in `bf16_gemm`). Model entry
+/// call, the rate of a plain read of memory (`bench_gflops` in `bf16_gemm`). On the CPU, model entry
 /// points (CLIP's towers, BLIP-2's vision, prefill and decoding steps) run under it.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         f()
     } else {
         rayon::scope(|_| f())
+    }
+}
+
+/// [`on_pool`] where the model runs on the CPU (`cpu`); elsewhere `f` on this thread (a
+/// GPU's work is not rayon's, and its context stays with the caller's thread).
+pub fn on_pool_if<R: Send>(cpu: bool, f: impl FnOnce() -> R + Send) -> R {
+    if cpu {
+        on_pool(f)
+    } else {
+        f()
     }
 }
 
@@ -150,6 +160,8 @@ mod tests {
             on_pool(|| rayon::current_thread_index() == outer)
         });
         assert!(same);
+        assert!(on_pool_if(true, rayon::current_thread_index).is_some());
+        assert!(on_pool_if(false, rayon::current_thread_index).is_none());
     }
 
     #[test]
