@@ -45,8 +45,9 @@ pub enum ClipPrecision {
     /// The linear layers on the BF16 dot-product kernel (activations and weights rounded
     /// to bf16, f32 accumulation), except the image tower's QKV projection, whose errors
     /// the attention would sharpen: f32, or on AMX tiles three bf16 terms as exact as f32
-    /// ([`crate::cpu::encoder::Precision::Bf16`]); embeddings, LayerNorms, attention and
-    /// the projections stay f32. Falls back to f32 where the CPU lacks the instructions.
+    /// ([`crate::cpu::encoder::Precision::Bf16`]), and the image tower's patch embedding on
+    /// BF16 too; the other embeddings, LayerNorms, attention and the projections stay f32.
+    /// Falls back to f32 where the CPU lacks the instructions.
     Bf16,
 }
 
