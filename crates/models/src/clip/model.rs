@@ -328,14 +328,14 @@ impl VisionTransformer {
         let patch_packed = match &encoder {
             // Where the layers' MLPs run on the BF16 kernel, so does the patch embedding
             // (a 3072 × 768 GEMM per patch row for B/32: 4% of a bf16 forward in f32).
-            Encoder::Cpu(stack) if stack.is_bf16() => {
+            Encoder::Cpu(stack) => {
                 let (k, n) = patch_wt.dims2()?;
-                let w_nk: Vec<f32> = patch.reshape((c.hidden_size, c.num_channels * p * p))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Some(crate::cpu::PackedWeight::from_torch(&w_nk, n, k, true))
-            }
-            Encoder::Cpu(_) => {
-                let (k, n) = patch_wt.dims2()?;
-                Some(crate::cpu::PackedWeight::F32(crate::cpu::PackedF32::pack(&patch_wt.flatten_all()?.to_vec1()?, k, n)))
+                let w: Vec<f32> = patch_wt.flatten_all()?.to_vec1()?;
+                Some(if stack.is_bf16() {
+                    crate::cpu::PackedWeight::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedB::pack(&w, k, n)))
+                } else {
+                    crate::cpu::PackedWeight::F32(crate::cpu::PackedF32::pack(&w, k, n))
+                })
             }
             Encoder::Candle(_) => None,
         };

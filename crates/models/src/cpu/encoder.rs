@@ -180,9 +180,8 @@ fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 thread_local! {
-    /// Per-thread attention buffers: packed Kᵀ, packed V, the scores and a block of the
-    /// mask.
-    static HEAD: std::cell::RefCell<(PackedF32, PackedF32, Vec<f32>, Vec<f32>)> = Default::default();
+    /// Per-thread attention buffers: packed Kᵀ, packed V and the scores.
+    static HEAD: std::cell::RefCell<(PackedF32, PackedF32, Vec<f32>)> = Default::default();
 }
 
 impl EncoderLayer {
@@ -245,23 +244,8 @@ impl EncoderLayer {
     /// place. `mask` is an additive `seq × seq` attention mask (−∞ where a position may not
     /// look), shared by all sequences and heads.
     pub fn forward(&self, x: &mut [f32], batch: usize, seq: usize, mask: Option<&[f32]>, s: &mut Scratch) {
-        let (h, m, isa) = (self.hidden, batch * seq, self.isa);
-        assert_eq!(x.len(), m * h, "encoder layer: {} values for {batch} × {seq} × {h}", x.len());
-        if let Some(mask) = mask {
-            assert_eq!(mask.len(), seq * seq, "attention mask of {} values for {seq} × {seq}", mask.len());
-        }
-        let ln = sized(&mut s.ln, m * h);
-        time(0, || layer_norm_rows_par(isa, x, ln, &self.ln1, self.eps, h));
-        let qkv = sized(&mut s.qkv, m * 3 * h);
-        time(1, || self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE));
-        let attn = sized(&mut s.attn, m * h);
-        time(2, || self.attention(qkv, attn, batch, seq, mask, None));
-        time(3, || self.out.forward(isa, attn, m, x, Epilogue::ACCUMULATE));
-
-        time(0, || layer_norm_rows_par(isa, x, ln, &self.ln2, self.eps, h));
-        let mlp = sized(&mut s.mlp, m * self.intermediate);
-        time(4, || self.fc1.forward(isa, ln, m, mlp, Epilogue::act(self.act)));
-        time(5, || self.fc2.forward(isa, mlp, m, x, Epilogue::ACCUMULATE));
+        self.attend(x, batch, seq, mask, None, s);
+        self.project_and_mlp(x, batch * seq, s);
     }
 
     /// [`forward`](Self::forward) where only one row of each sequence is wanted at the
@@ -271,6 +255,16 @@ impl EncoderLayer {
     /// MLP. Returns those rows (`batch × hidden`) as [`forward`](Self::forward) would leave
     /// them, bit for bit: each row's products and norms are computed as there.
     pub fn forward_rows(&self, x: &[f32], batch: usize, seq: usize, mask: Option<&[f32]>, rows: &[usize], s: &mut Scratch) -> Vec<f32> {
+        self.attend(x, batch, seq, mask, Some(rows), s);
+        let h = self.hidden;
+        let mut y: Vec<f32> = rows.iter().enumerate().flat_map(|(b, &r)| x[(b * seq + r) * h..][..h].iter().copied()).collect();
+        self.project_and_mlp(&mut y, batch, s);
+        y
+    }
+
+    /// The first half of the layer: LayerNorm 1 and the QKV projection of every row, then
+    /// the attention of the query rows (all, or `query`'s one per sequence) into `s.attn`.
+    fn attend(&self, x: &[f32], batch: usize, seq: usize, mask: Option<&[f32]>, query: Option<&[usize]>, s: &mut Scratch) {
         let (h, m, isa) = (self.hidden, batch * seq, self.isa);
         assert_eq!(x.len(), m * h, "encoder layer: {} values for {batch} × {seq} × {h}", x.len());
         if let Some(mask) = mask {
@@ -280,17 +274,20 @@ impl EncoderLayer {
         time(0, || layer_norm_rows_par(isa, x, ln, &self.ln1, self.eps, h));
         let qkv = sized(&mut s.qkv, m * 3 * h);
         time(1, || self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE));
-        let attn = sized(&mut s.attn, batch * h);
-        time(2, || self.attention(qkv, attn, batch, seq, mask, Some(rows)));
-        let mut y: Vec<f32> = rows.iter().enumerate().flat_map(|(b, &r)| x[(b * seq + r) * h..][..h].iter().copied()).collect();
-        time(3, || self.out.forward(isa, attn, batch, &mut y, Epilogue::ACCUMULATE));
+        let attn = sized(&mut s.attn, if query.is_some() { batch } else { m } * h);
+        time(2, || self.attention(qkv, attn, batch, seq, mask, query));
+    }
 
-        let ln = &mut ln[..batch * h];
-        time(0, || layer_norm_rows_par(isa, &y, ln, &self.ln2, self.eps, h));
-        let mlp = sized(&mut s.mlp, batch * self.intermediate);
-        time(4, || self.fc1.forward(isa, ln, batch, mlp, Epilogue::act(self.act)));
-        time(5, || self.fc2.forward(isa, mlp, batch, &mut y, Epilogue::ACCUMULATE));
-        y
+    /// The second half, on `n` rows of the residual stream `y` (their attention in
+    /// `s.attn`): the output projection added in, then LayerNorm 2 and the MLP added in.
+    fn project_and_mlp(&self, y: &mut [f32], n: usize, s: &mut Scratch) {
+        let (h, isa) = (self.hidden, self.isa);
+        time(3, || self.out.forward(isa, &s.attn[..n * h], n, y, Epilogue::ACCUMULATE));
+        let ln = sized(&mut s.ln, n * h);
+        time(0, || layer_norm_rows_par(isa, y, ln, &self.ln2, self.eps, h));
+        let mlp = sized(&mut s.mlp, n * self.intermediate);
+        time(4, || self.fc1.forward(isa, ln, n, mlp, Epilogue::act(self.act)));
+        time(5, || self.fc2.forward(isa, mlp, n, y, Epilogue::ACCUMULATE));
     }
 
     /// Floating-point operations of one forward per stage (as [`profile::STAGES`]) for
@@ -337,44 +334,46 @@ impl EncoderLayer {
         }
         // Keys a query row needs: up to the last one its mask leaves open (all, for a row
         // the mask closes entirely, whose softmax then gives zeros as before).
-        let keys = |i: usize| -> usize {
-            match mask {
+        let row_keys: Vec<usize> = (0..seq)
+            .map(|i| match mask {
                 Some(m) if trim => m[i * seq..(i + 1) * seq].iter().rposition(|&v| v != f32::NEG_INFINITY).map_or(seq, |j| j + 1),
                 _ => seq,
-            }
+            })
+            .collect();
+        // The query blocks of a sequence when all rows are queries, the same for every
+        // sequence and head: (first row, rows, keys, the block of the mask: rows × keys).
+        let block = if mask.is_some() && trim { QUERY_BLOCK } else { seq };
+        let blocks: Vec<(usize, usize, usize, Option<Vec<f32>>)> = match query {
+            Some(_) => Vec::new(),
+            None => (0..seq)
+                .step_by(block.max(1))
+                .map(|r0| {
+                    let nb = block.min(seq - r0);
+                    let kn = row_keys[r0..r0 + nb].iter().copied().max().unwrap_or(seq);
+                    let mb = mask.map(|m| (r0..r0 + nb).flat_map(|i| m[i * seq..][..kn].iter().copied()).collect());
+                    (r0, nb, kn, mb)
+                })
+                .collect(),
         };
-        let block = if mask.is_some() && trim { QUERY_BLOCK } else { nq };
         let optr = SendPtr(out.as_mut_ptr());
         let out_len = out.len();
         (0..batch * heads).into_par_iter().for_each(|t| {
             let (bi, hd) = (t / heads, t % heads);
             let rows = &qkv[bi * seq * 3 * h..(bi + 1) * seq * 3 * h];
-            // The first query row of this sequence.
-            let q0 = query.map_or(0, |q| q[bi]);
             // Row j of this head's K (or V): d contiguous values.
             let head_row = |part: usize, j: usize| &rows[j * 3 * h + part * h + hd * d..][..d];
             HEAD.with(|cell| {
-                let (kt, v, scores, mblock) = &mut *cell.borrow_mut();
+                let (kt, v, scores) = &mut *cell.borrow_mut();
                 // Kᵀ (d × seq): its column j is K's row j.
                 kt.repack_from_cols(d, seq, |j| head_row(1, j));
                 v.repack_from_rows(seq, d, |j| head_row(2, j));
-                for r0 in (0..nq).step_by(block.max(1)) {
-                    let nb = block.min(nq - r0);
-                    let (first, last) = (q0 + r0, q0 + r0 + nb);
-                    let kn = (first..last).map(keys).max().unwrap_or(seq);
+                let mut run = |r0: usize, first: usize, nb: usize, kn: usize, m: Option<&[f32]>| {
                     let scores = sized(scores, nb * kn);
                     // SAFETY: `scores` holds nb rows of kn values; kn ≤ seq keys of the
                     // packed Kᵀ (d × seq), whose first kn columns are taken.
                     unsafe {
                         gemm_strided_prefix_raw(isa, &rows[first * 3 * h + hd * d..], 3 * h, nb, kt, (d, kn), scores.as_mut_ptr(), kn, Epilogue::STORE)
                     };
-                    let m = mask.map(|m| {
-                        let mb = sized(mblock, nb * kn);
-                        for (i, row) in mb.chunks_exact_mut(kn).enumerate() {
-                            row.copy_from_slice(&m[(first + i) * seq..][..kn]);
-                        }
-                        &*mb
-                    });
                     softmax_rows(isa, scores, kn, scale, m);
                     // SAFETY: rows bi·nq + r0.. + nb of `out`, columns hd·d..(hd+1)·d (ldc = h),
                     // are inside `out` (its length was checked) and written by this task
@@ -384,6 +383,18 @@ impl EncoderLayer {
                         debug_assert!((bi * nq + r0 + nb - 1) * h + (hd + 1) * d <= out_len);
                         gemm_strided_prefix_raw(isa, scores, kn, nb, v, (kn, d), optr.get().add((bi * nq + r0) * h + hd * d), h, Epilogue::STORE)
                     };
+                };
+                match query {
+                    // One query row: its mask row's first kn values are the block.
+                    Some(q) => {
+                        let (r, kn) = (q[bi], row_keys[q[bi]]);
+                        run(0, r, 1, kn, mask.map(|m| &m[r * seq..][..kn]));
+                    }
+                    None => {
+                        for (r0, nb, kn, mb) in &blocks {
+                            run(*r0, *r0, *nb, *kn, mb.as_deref());
+                        }
+                    }
                 }
             });
         });
@@ -426,18 +437,14 @@ impl Stack {
     /// All layers on `xs` (batch, seq, hidden) on the CPU, computed in f32 and returned in
     /// `xs`'s dtype; `mask` (seq, seq) additive.
     pub fn forward(&self, xs: &candle_core::Tensor, mask: Option<&candle_core::Tensor>) -> candle_core::Result<candle_core::Tensor> {
-        use candle_core::DType;
         let (b, s, h) = xs.dims3()?;
-        let mut x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mask: Option<Vec<f32>> = mask.map(|m| m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()).transpose()?;
-        let mut buf = self.scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
-        super::on_pool(|| {
+        let y = self.run(xs, mask, |x, mask, buf| {
             for l in &self.layers {
-                l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
+                l.forward(x, b, s, mask, buf);
             }
-        });
-        self.scratch.lock().expect("scratch pool poisoned").push(buf);
-        candle_core::Tensor::from_vec(x, (b, s, h), xs.device())?.to_dtype(xs.dtype())
+            std::mem::take(x)
+        })?;
+        candle_core::Tensor::from_vec(y, (b, s, h), xs.device())?.to_dtype(xs.dtype())
     }
 
     /// All layers on `xs` (batch, seq, hidden), keeping only row `rows[b]` of each
@@ -446,27 +453,37 @@ impl Stack {
     /// those rows alone ([`EncoderLayer::forward_rows`]): for CLIP's towers, which pool
     /// one row, that is 1/12 of the work less.
     pub fn forward_rows(&self, xs: &candle_core::Tensor, mask: Option<&candle_core::Tensor>, rows: &[usize]) -> candle_core::Result<candle_core::Tensor> {
-        use candle_core::DType;
         let (b, s, h) = xs.dims3()?;
         if rows.len() != b || rows.iter().any(|&r| r >= s) {
             candle_core::bail!("rows {rows:?} to keep for {b} sequences of {s}");
         }
-        let Some((last, layers)) = self.layers.split_last() else {
-            let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let y: Vec<f32> = rows.iter().enumerate().flat_map(|(i, &r)| x[(i * s + r) * h..][..h].to_vec()).collect();
-            return candle_core::Tensor::from_vec(y, (b, h), xs.device())?.to_dtype(xs.dtype());
-        };
+        let y = self.run(xs, mask, |x, mask, buf| match self.layers.split_last() {
+            Some((last, layers)) => {
+                for l in layers {
+                    l.forward(x, b, s, mask, buf);
+                }
+                last.forward_rows(x, b, s, mask, rows, buf)
+            }
+            None => rows.iter().enumerate().flat_map(|(i, &r)| x[(i * s + r) * h..][..h].to_vec()).collect(),
+        })?;
+        candle_core::Tensor::from_vec(y, (b, h), xs.device())?.to_dtype(xs.dtype())
+    }
+
+    /// `f` on a pool thread ([`super::on_pool`]) with `xs` and `mask` in f32 and scratch
+    /// buffers from the pool of them.
+    fn run(
+        &self,
+        xs: &candle_core::Tensor,
+        mask: Option<&candle_core::Tensor>,
+        f: impl FnOnce(&mut Vec<f32>, Option<&[f32]>, &mut Scratch) -> Vec<f32> + Send,
+    ) -> candle_core::Result<Vec<f32>> {
+        use candle_core::DType;
         let mut x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let mask: Option<Vec<f32>> = mask.map(|m| m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()).transpose()?;
         let mut buf = self.scratch.lock().expect("scratch pool poisoned").pop().unwrap_or_default();
-        let y = super::on_pool(|| {
-            for l in layers {
-                l.forward(&mut x, b, s, mask.as_deref(), &mut buf);
-            }
-            last.forward_rows(&x, b, s, mask.as_deref(), rows, &mut buf)
-        });
+        let y = super::on_pool(|| f(&mut x, mask.as_deref(), &mut buf));
         self.scratch.lock().expect("scratch pool poisoned").push(buf);
-        candle_core::Tensor::from_vec(y, (b, h), xs.device())?.to_dtype(xs.dtype())
+        Ok(y)
     }
 
     /// Floating-point operations per stage (as [`profile::STAGES`]) of one forward.
