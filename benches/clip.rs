@@ -10,7 +10,7 @@
 //! (number of 12-megapixel JPEGs for the indexing run, default 48).
 
 mod common;
-use common::{python, timed};
+use common::{python, timed, timed_median};
 use magpie_core::{ImageEmbedder, Pixels};
 use magpie_engine::{IndexOptions, Library, LibraryConfig};
 use magpie_models::cpu::encoder::profile;
@@ -69,7 +69,7 @@ struct Run {
     precision: &'static str,
     /// (batch, images per second)
     img_rate: Vec<(usize, f64)>,
-    /// (tokens, milliseconds)
+    /// (tokens, median milliseconds per query)
     text_ms: Vec<(usize, f64)>,
     /// Per batch size (1 and 16): per encoder stage (name, ms per image, GFLOP/s), and the
     /// ms per image outside the encoder layers (patch embedding, pre/post LN, projection).
@@ -102,7 +102,7 @@ fn measure(clip: &Clip, min: Duration) -> Run {
     let mut text_ms = Vec::new();
     for t in [8usize, 77] {
         let ids = vec![std::iter::once(49406).chain(std::iter::repeat_n(320, t - 2)).chain(std::iter::once(49407)).collect::<Vec<u32>>()];
-        let dt = timed(min / 2, 10, || {
+        let dt = timed_median(min / 2, 10, || {
             clip.embed_ids(&ids).unwrap();
         });
         text_ms.push((t, dt * 1000.0));
@@ -230,7 +230,7 @@ fn main() {
     drop(models);
     let clip = Arc::new(Clip::load_with(model_dir.to_str().unwrap(), magpie_core::Device::Cpu, ClipPrecision::Auto).expect("load model"));
     let q = "a puppy playing in the snow";
-    let dt = timed(min / 2, 10, || {
+    let dt = timed_median(min / 2, 10, || {
         magpie_core::TextEmbedder::embed_texts(clip.as_ref(), &[q]).unwrap();
     });
     let q_tokens = clip.tokenize(&[q]).unwrap()[0].len();
@@ -314,7 +314,7 @@ fn main() {
             let pt = peer_num("text_ms", *t);
             println!(
                 "{:<28} {:>10.2} {:>10} {:>10} {:>12}",
-                format!("{} text ms, {t} tokens", run.precision),
+                format!("{} text ms, {t} tok (p50)", run.precision),
                 ms,
                 pt.map(|v| format!("{v:.2}")).unwrap_or("-".into()),
                 "-",
@@ -349,7 +349,7 @@ fn main() {
         println!("    {:<22} {:>7.2} ms {:>5.1}%", "outside the layers", other_ms, other_ms / total * 100.0);
         }
     }
-    println!("{:<28} {:>10.2}   (tokenize + embed \"{q}\", {q_tokens} tokens)", "text query ms, end to end", dt * 1000.0);
+    println!("{:<28} {:>10.2}   (tokenize + embed \"{q}\", {q_tokens} tokens)", "text query ms p50, e2e", dt * 1000.0);
     let pure = runs
         .iter()
         .find(|r| r.precision == clip.precision())

@@ -30,6 +30,20 @@ def timed(fn, min_time, min_iters=3):
     return (time.perf_counter() - start) / n
 
 
+def timed_median(fn, min_time, min_iters=3):
+    """Median seconds per call: a latency, which a busy neighbour's occasional slow call
+    does not move as it moves the mean."""
+    fn()  # warm-up
+    SYNC()
+    times, start = [], time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        SYNC()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -63,7 +77,7 @@ def main():
             out["pytorch"][str(b)] = b / dt
         for t in [int(x) for x in args.tokens.split(",")]:
             ids = torch.tensor([[49406] + [320] * (t - 2) + [49407]]).to(args.device)
-            dt = timed(lambda: model.get_text_features(input_ids=ids), args.min_time / 2, 10)
+            dt = timed_median(lambda: model.get_text_features(input_ids=ids), args.min_time / 2, 10)
             out["text_ms"][str(t)] = dt * 1000
     onnx_path = os.path.join(args.model, "vision.onnx")
     if args.device != "cpu":

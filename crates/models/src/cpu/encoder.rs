@@ -10,7 +10,9 @@
 //! reused by every layer and every call. Attention runs one task per (sequence, head) on
 //! the thread pool: Q·Kᵀ and P·V go through the f32 micro-kernels with K and V packed per
 //! head (Q is read in place from the fused QKV output, the result written in place into
-//! the head's columns).
+//! the head's columns). Where Q and K are held more exactly than the other projections
+//! (f32 or three bf16 terms, in [`Precision::Bf16`]), V is a projection of its own on
+//! their BF16 kernel, into its own buffer.
 
 use super::gemm::{gemm, gemm_strided_prefix_raw, Epilogue, PackedF32, PackedWeight, SendPtr};
 use super::math::{layer_norm_rows, softmax_rows, Act};
@@ -58,9 +60,10 @@ pub enum Precision {
     F16Weights,
     /// The attention output projection and the MLP on BF16 dot products: activations and
     /// weights rounded to bf16, products accumulated in f32 (AVX-512 BF16; f32 on CPUs
-    /// without it). The QKV projection stays f32, or on AMX tiles (where the BF16 kernel
-    /// is several times f32's speed) runs on three bf16 terms of activations and weights
-    /// ([`crate::bf16_gemm::PackedB::pack_transposed_x3`]), as exact as f32 to ~2⁻¹⁶.
+    /// without it). The Q and K projections stay f32, or on AMX tiles (where the BF16
+    /// kernel is several times f32's speed) run on three bf16 terms of activations and
+    /// weights ([`crate::bf16_gemm::PackedB::pack_transposed_x3`]), as exact as f32 to
+    /// ~2⁻¹⁶; V, whose error the softmax does not sharpen, is bf16 as the rest.
     /// LayerNorm, softmax, attention and the residual stream stay f32.
     Bf16,
     /// As `Bf16`, and the QKV projection too: faster, less exact attention.
@@ -156,7 +159,11 @@ pub struct EncoderLayer {
     eps: f32,
     act: Act,
     ln1: (Vec<f32>, Vec<f32>),
+    /// Q, K and V (N = 3·hidden), or only Q and K (2·hidden) where `v` is separate.
     qkv: Dense,
+    /// The V projection on the BF16 kernel of the other projections, where Q and K have
+    /// a more exact one (f32, or three bf16 terms).
+    v: Option<Dense>,
     out: Dense,
     ln2: (Vec<f32>, Vec<f32>),
     fc1: Dense,
@@ -168,6 +175,7 @@ pub struct EncoderLayer {
 pub struct Scratch {
     ln: Vec<f32>,
     qkv: Vec<f32>,
+    v: Vec<f32>,
     attn: Vec<f32>,
     mlp: Vec<f32>,
 }
@@ -205,8 +213,16 @@ impl EncoderLayer {
             // f32 (0.087 with QKV in BF16), its vision output's cosine 0.99933 (0.99986).
             Precision::Int8 => (if isa >= Isa::Avx512Bf16 { Kind::Bf16 } else { Kind::F32 }, Kind::Int8),
         };
+        // Where Q and K are held more exactly than the BF16 rest, V goes with the rest: the
+        // softmax does not sharpen its error, which reaches the output linearly, as the
+        // other projections' does (tiny-a's CLIP images with V in f32 / bf16: cosine
+        // 0.99988 / 0.99989; the full-size photos 0.999997 either way). Not so for int8:
+        // with V in int8 the sharp BLIP-2 fixtures' vision output fell from cosine
+        // 0.99986 to 0.99965 (tiny-b) and their logits moved past the tests' bounds.
+        let v_kind = (kind == Kind::Bf16 && qkv_kind != kind).then_some(kind);
         let check = |name: &str, v: &[f32], len: usize| assert_eq!(v.len(), len, "{name}: {} values, expected {len}", v.len());
         check("qkv weight", &w.qkv_w, 3 * h * h);
+        check("qkv bias", &w.qkv_b, 3 * h);
         check("out_proj weight", &w.out_w, h * h);
         check("fc1 weight", &w.fc1_w, i * h);
         check("fc2 weight", &w.fc2_w, h * i);
@@ -214,6 +230,14 @@ impl EncoderLayer {
             check(name, &ln.0, h);
             check(name, &ln.1, h);
         }
+        // PyTorch's stacked weight is Q's, K's then V's rows (outputs × inputs).
+        let (qkv, v) = match v_kind {
+            Some(v_kind) => (
+                Dense::new(&w.qkv_w[..2 * h * h], &w.qkv_b[..2 * h], 2 * h, h, qkv_kind),
+                Some(Dense::new(&w.qkv_w[2 * h * h..], &w.qkv_b[2 * h..], h, h, v_kind)),
+            ),
+            None => (Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, qkv_kind), None),
+        };
         EncoderLayer {
             isa,
             hidden: h,
@@ -222,7 +246,8 @@ impl EncoderLayer {
             eps: w.eps,
             act: w.act,
             ln1: w.ln1.clone(),
-            qkv: Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, qkv_kind),
+            qkv,
+            v,
             out: Dense::new(&w.out_w, &w.out_b, h, h, kind),
             ln2: w.ln2.clone(),
             fc1: Dense::new(&w.fc1_w, &w.fc1_b, i, h, kind),
@@ -272,10 +297,23 @@ impl EncoderLayer {
         }
         let ln = sized(&mut s.ln, m * h);
         time(0, || layer_norm_rows_par(isa, x, ln, &self.ln1, self.eps, h));
-        let qkv = sized(&mut s.qkv, m * 3 * h);
-        time(1, || self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE));
+        let qkv = sized(&mut s.qkv, m * self.qkv.b.len());
+        let v = match &self.v {
+            Some(dense) => {
+                let v = sized(&mut s.v, m * h);
+                time(1, || {
+                    self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE);
+                    dense.forward(isa, ln, m, v, Epilogue::STORE)
+                });
+                Some(&*v)
+            }
+            None => {
+                time(1, || self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE));
+                None
+            }
+        };
         let attn = sized(&mut s.attn, if query.is_some() { batch } else { m } * h);
-        time(2, || self.attention(qkv, attn, batch, seq, mask, query));
+        time(2, || self.attention(qkv, v, attn, batch, seq, mask, query));
     }
 
     /// The second half, on `n` rows of the residual stream `y` (their attention in
@@ -316,16 +354,23 @@ impl EncoderLayer {
     /// to the last one its mask leaves open (a causal mask: the block's last row): the
     /// keys past it would get weight exactly 0, so the result is bit for bit that of all
     /// keys, for about half the work of a causal mask.
-    fn attention(&self, qkv: &[f32], out: &mut [f32], batch: usize, seq: usize, mask: Option<&[f32]>, query: Option<&[usize]>) {
-        self.attention_with(qkv, out, batch, seq, mask, query, true)
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, qkv: &[f32], v: Option<&[f32]>, out: &mut [f32], batch: usize, seq: usize, mask: Option<&[f32]>, query: Option<&[usize]>) {
+        self.attention_with(qkv, v, out, batch, seq, mask, query, true)
     }
 
     /// [`attention`](Self::attention), with `trim = false` taking every key for every
     /// query (for the tests).
     #[allow(clippy::too_many_arguments)]
-    fn attention_with(&self, qkv: &[f32], out: &mut [f32], batch: usize, seq: usize, mask: Option<&[f32]>, query: Option<&[usize]>, trim: bool) {
+    fn attention_with(&self, qkv: &[f32], v_own: Option<&[f32]>, out: &mut [f32], batch: usize, seq: usize, mask: Option<&[f32]>, query: Option<&[usize]>, trim: bool) {
         let (h, heads, isa) = (self.hidden, self.heads, self.isa);
         let d = h / heads;
+        // Row stride of `qkv`: Q, K and V, or Q and K where V has its own rows of h.
+        let ld = if v_own.is_some() { 2 * h } else { 3 * h };
+        assert_eq!(qkv.len(), batch * seq * ld, "attention input of {} values for {batch} × {seq} × {ld}", qkv.len());
+        if let Some(v) = v_own {
+            assert_eq!(v.len(), batch * seq * h, "attention V of {} values for {batch} × {seq} × {h}", v.len());
+        }
         let scale = (d as f32).powf(-0.5);
         let nq = if query.is_some() { 1 } else { seq };
         assert_eq!(out.len(), batch * nq * h, "attention output of {} values for {batch} × {nq} × {h}", out.len());
@@ -359,9 +404,12 @@ impl EncoderLayer {
         let out_len = out.len();
         (0..batch * heads).into_par_iter().for_each(|t| {
             let (bi, hd) = (t / heads, t % heads);
-            let rows = &qkv[bi * seq * 3 * h..(bi + 1) * seq * 3 * h];
-            // Row j of this head's K (or V): d contiguous values.
-            let head_row = |part: usize, j: usize| &rows[j * 3 * h + part * h + hd * d..][..d];
+            let rows = &qkv[bi * seq * ld..(bi + 1) * seq * ld];
+            // Row j of this head's K (part 1) or V (2): d contiguous values.
+            let head_row = |part: usize, j: usize| match v_own {
+                Some(v) if part == 2 => &v[(bi * seq + j) * h + hd * d..][..d],
+                _ => &rows[j * ld + part * h + hd * d..][..d],
+            };
             HEAD.with(|cell| {
                 let (kt, v, scores) = &mut *cell.borrow_mut();
                 // Kᵀ (d × seq): its column j is K's row j.
@@ -372,7 +420,7 @@ impl EncoderLayer {
                     // SAFETY: `scores` holds nb rows of kn values; kn ≤ seq keys of the
                     // packed Kᵀ (d × seq), whose first kn columns are taken.
                     unsafe {
-                        gemm_strided_prefix_raw(isa, &rows[first * 3 * h + hd * d..], 3 * h, nb, kt, (d, kn), scores.as_mut_ptr(), kn, Epilogue::STORE)
+                        gemm_strided_prefix_raw(isa, &rows[first * ld + hd * d..], ld, nb, kt, (d, kn), scores.as_mut_ptr(), kn, Epilogue::STORE)
                     };
                     softmax_rows(isa, scores, kn, scale, m);
                     // SAFETY: rows bi·nq + r0.. + nb of `out`, columns hd·d..(hd+1)·d (ldc = h),
@@ -635,13 +683,23 @@ mod tests {
                     let qkv_x3 = isa >= Isa::Amx && precision == Precision::Bf16;
                     let qkv_bf16 = isa >= Isa::Avx512Bf16 && precision == Precision::Int8 || qkv_x3;
                     assert_eq!(matches!(layer.qkv.w, PackedWeight::Bf16(_)), qkv_bf16);
+                    // Where Q and K are more exact than the rest, V is on the rest's kernel.
+                    let v_own = layer.is_bf16() && precision == Precision::Bf16;
+                    assert_eq!(layer.v.as_ref().map(|v| v.w.is_bf16()), v_own.then_some(true));
+                    assert_eq!(layer.qkv.b.len(), if v_own { 2 * h } else { 3 * h });
+                    if let (Some(v), PackedWeight::Bf16(b)) = (&layer.v, &layer.fc1.w) {
+                        if let PackedWeight::Bf16(vb) = &v.w {
+                            assert_eq!((vb.terms(), b.terms()), (1, 1));
+                        }
+                    }
                     if let PackedWeight::Bf16(b) = &layer.qkv.w {
                         assert_eq!(b.terms(), if qkv_x3 { 3 } else { 1 });
                     }
                     if qkv_x3 {
                         // As exact as f32 to about 2⁻¹⁶, unlike one bf16 term (~2⁻⁹).
-                        let f32_qkv = Dense::new(&w.qkv_w, &w.qkv_b, 3 * h, h, Kind::F32);
-                        let (mut y3, mut y32) = (vec![0f32; batch * seq * 3 * h], vec![0f32; batch * seq * 3 * h]);
+                        let n = layer.qkv.b.len();
+                        let f32_qkv = Dense::new(&w.qkv_w[..n * h], &w.qkv_b[..n], n, h, Kind::F32);
+                        let (mut y3, mut y32) = (vec![0f32; batch * seq * n], vec![0f32; batch * seq * n]);
                         layer.qkv.forward(isa, &x, batch * seq, &mut y3, Epilogue::STORE);
                         f32_qkv.forward(Isa::Scalar, &x, batch * seq, &mut y32, Epilogue::STORE);
                         let y32: Vec<f64> = y32.iter().map(|&v| v as f64).collect();
@@ -695,10 +753,16 @@ mod tests {
                     for query in [None, Some(&[seq - 1, seq / 2][..])] {
                         let nq = if query.is_some() { 1 } else { seq };
                         let (mut a, mut b) = (vec![0f32; batch * nq * h], vec![0f32; batch * nq * h]);
-                        layer.attention_with(&qkv, &mut a, batch, seq, Some(mask), query, true);
-                        layer.attention_with(&qkv, &mut b, batch, seq, Some(mask), query, false);
+                        layer.attention_with(&qkv, None, &mut a, batch, seq, Some(mask), query, true);
+                        layer.attention_with(&qkv, None, &mut b, batch, seq, Some(mask), query, false);
                         assert_eq!(a, b, "{isa}, {seq} keys, query {query:?}");
                         assert!(a.iter().all(|v| v.is_finite()) && a.iter().any(|&v| v != 0.0));
+                        // V in a buffer of its own (Q and K then 2h apart) gives the same.
+                        let qk: Vec<f32> = qkv.chunks(3 * h).flat_map(|r| r[..2 * h].iter().copied()).collect();
+                        let v: Vec<f32> = qkv.chunks(3 * h).flat_map(|r| r[2 * h..].iter().copied()).collect();
+                        let mut c = vec![0f32; batch * nq * h];
+                        layer.attention_with(&qk, Some(&v), &mut c, batch, seq, Some(mask), query, true);
+                        assert_eq!(a, c, "{isa}, {seq} keys, query {query:?}, V apart");
                     }
                 }
             }
@@ -764,7 +828,7 @@ mod tests {
             let mut best = f64::MAX;
             for _ in 0..30 {
                 let t = std::time::Instant::now();
-                layer.attention(&qkv, &mut out, batch, seq, None, None);
+                layer.attention(&qkv, None, &mut out, batch, seq, None, None);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             eprintln!("attention {batch}×{seq}, {heads} heads of {d}: {:.3} ms, {:.0} GFLOP/s", best * 1e3, flops / best / 1e9);
