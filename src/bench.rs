@@ -22,6 +22,21 @@ fn timed(seconds: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64() / n as f64)
 }
 
+/// Median seconds per call of `f` over at least `seconds` (and 5 calls), after one
+/// warm-up: a latency, which an occasional slow call (a busy neighbour) does not move as
+/// it moves the mean.
+fn timed_median(seconds: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let (mut times, start) = (Vec::new(), Instant::now());
+    while times.len() < 5 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 /// A smooth synthetic photo of `side`² pixels.
 fn test_image(side: u32) -> magpie_media::image::DynamicImage {
     magpie_media::image::RgbImage::from_fn(side, side, |x, y| {
@@ -30,8 +45,8 @@ fn test_image(side: u32) -> magpie_media::image::DynamicImage {
     .into()
 }
 
-/// CLIP figures: images per second at batch 1 and `batch`, ms per text query of 8 and 77
-/// tokens (or the model's context, if shorter).
+/// CLIP figures: images per second at batch 1 and `batch`, the median ms per text query
+/// of 8 and 77 tokens (or the model's context, if shorter).
 pub fn clip(clip: &Clip, batch: usize, seconds: f64) -> Result<Value> {
     let size = clip.config().vision_config.image_size;
     let mut rates = serde_json::Map::new();
@@ -57,7 +72,7 @@ pub fn clip(clip: &Clip, batch: usize, seconds: f64) -> Result<Value> {
     for t in [8usize, 77] {
         let t = t.min(context).max(2);
         let seq: Vec<u32> = std::iter::once(bos).chain(std::iter::repeat_n(word, t - 2)).chain([eos]).collect();
-        let dt = timed(seconds / 2.0, &mut || {
+        let dt = timed_median(seconds / 2.0, &mut || {
             clip.embed_ids(std::slice::from_ref(&seq))?;
             Ok(())
         })?;

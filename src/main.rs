@@ -614,7 +614,7 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("          {r:>8.1} images/s at batch {b}");
                 }
                 for (t, ms) in by_number(&c["text_query_ms"]) {
-                    println!("          {ms:>8.2} ms per {t}-token text query");
+                    println!("          {ms:>8.2} ms per {t}-token text query (median)");
                 }
                 if let Some(b) = out.get("blip2") {
                     let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
