@@ -662,12 +662,14 @@ impl<'a> BitReader<'a> {
                     }
                     break;
                 }
-                if k + ((e >> 5) & 127) >= 64 {
-                    self.consume(e & 31); // the block ends with the first symbol
+                if k + (e >> 18) >= 64 {
+                    self.consume((e >> 13) & 31); // the block ends with the first symbol
                     return Some(());
                 }
-                self.consume((e >> 12) & 31);
-                k += e >> 17;
+                // The low 6 bits alone: a 64-bit shift takes its count mod 64, so the
+                // shift that this lookup's successor waits for is the load's next step.
+                self.consume(e & 63);
+                k += (e >> 6) & 127;
                 if k >= 64 {
                     return Some(());
                 }
@@ -723,9 +725,10 @@ fn ac_step(sym: u8) -> (u32, u32) {
 struct Huffman {
     /// `len | symbol << 5` of the code that prefixes the index; 0: the code is longer.
     sym: Box<[u16; 1 << LOOKUP_BITS]>,
-    /// AC tables: the first symbol's `len + extra bits` (bits 0–4) and advance along the
-    /// block (5–11), then the same for it and, when it is not an EOB and the next code
-    /// also fits in the index, the symbol after it together (12–16, 17–23). 0: longer.
+    /// AC tables: the bits to consume (`len + extra bits`, bits 0–5) and the advance
+    /// along the block (6–12) of the first symbol and, when it is not an EOB and the next
+    /// code also fits in the index, the symbol after it together; then the first
+    /// symbol's alone (13–17, 18–24). 0: longer.
     skip: Box<[u32; 1 << LOOKUP_BITS]>,
     /// For each length 1..=16: one past the largest code of that length (0: none), the
     /// first code, and the index of its symbol.
@@ -786,7 +789,7 @@ impl Huffman {
                         a = adv + adv2;
                     }
                 }
-                *e = n1 | adv << 5 | n << 12 | a << 17;
+                *e = n | a << 6 | n1 << 13 | adv << 18;
             }
         }
         Some(Huffman {
