@@ -91,6 +91,18 @@ fn index_search_similar_embed_status() {
     assert!(!magpie(data.path(), &["--precision", "f8", "status"]).status.success());
     let human = ok(data.path(), &["status"]);
     assert!(human.contains(&format!("compute   CLIP in {prec} on the CPU")), "{human}");
+    // Capped by MAGPIE_CPU_ISA, auto is f32 on the AVX2 kernels, and says why.
+    let capped = Command::new(env!("CARGO_BIN_EXE_magpie"))
+        .args(["--data-dir", data.path().to_str().unwrap(), "status"])
+        .env("MAGPIE_CPU_ISA", "avx2")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let capped = String::from_utf8(capped.stdout).unwrap();
+    assert!(capped.contains("compute   CLIP in f32 on the CPU ("), "{capped}");
+    if cpu == "avx512bf16" || cpu == "amx" {
+        assert!(capped.contains("avx2 kernels; MAGPIE_CPU_ISA keeps"), "{capped}");
+    }
     assert!(human.contains("indexed") && human.contains("tiny-a@") && human.contains("up to date"), "{human}");
 
     let hits = json(data.path(), &["--model", &m, "search", "a photo of a cat", "-k", "3"]);

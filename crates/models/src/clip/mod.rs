@@ -87,6 +87,9 @@ impl ClipPrecision {
             (ClipPrecision::Auto, _) if isa >= crate::cpu::Isa::Avx512Bf16 => {
                 format!("f32 on the CPU ({isa} kernels; {}, less than the {AUTO_BF16_SPEEDUP}× that auto wants; --precision bf16 forces BF16)", race())
             }
+            _ if crate::cpu::Isa::hardware() >= crate::cpu::Isa::Avx512Bf16 => {
+                format!("f32 on the CPU ({isa} kernels; MAGPIE_CPU_ISA keeps this CPU's BF16 dot products out)")
+            }
             _ => format!("f32 on the CPU ({isa} kernels; this CPU has no AVX-512 BF16 dot products)"),
         }
     }
