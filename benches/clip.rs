@@ -197,6 +197,17 @@ fn peaks(threads: usize) -> (f64, Option<f64>) {
     (0.0, None)
 }
 
+/// The lowest cosine between corresponding rows.
+fn worst_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let cos = |x: &[f32], y: &[f32]| {
+        let d: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let n = |v: &[f32]| v.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        (d / (n(x) * n(y))) as f32
+    };
+    a.iter().zip(b).map(|(x, y)| cos(x, y)).fold(1.0f32, f32::min)
+}
+
 fn main() {
     let model_dir = PathBuf::from(std::env::var("MAGPIE_BENCH_MODEL").unwrap_or_else(|_| "bench-data/clip-vit-base-patch32".into()));
     ensure_model(&model_dir);
@@ -223,10 +234,28 @@ fn main() {
         .filter_map(|p| magpie_media::decode_file(&p, &Default::default()).ok())
         .map(|d| magpie_core::ImageEmbedder::preprocess(&models[0], &d.image).unwrap())
         .collect();
-    let worst_cos = (models.len() == 2).then(|| {
-        let (a, b) = (models[0].embed_pixels(&photos).unwrap(), models[1].embed_pixels(&photos).unwrap());
-        a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>()).fold(1.0f32, f32::min)
-    });
+    let photo_embeds: Vec<Vec<Vec<f32>>> = models.iter().map(|m| m.embed_pixels(&photos).unwrap()).collect();
+    let worst_cos = (models.len() == 2).then(|| worst_cosine(&photo_embeds[0], &photo_embeds[1]));
+    // The same photos and some texts for the peer's reference embeddings (full-size
+    // parity with transformers): one plain, one long enough to be cut at the context.
+    let texts = [
+        "a puppy playing in the snow",
+        "x",
+        "Ünïcödé — café “quotes” 😀",
+        "a photo of a red car parked on a wet street at night, with neon signs reflected in the puddles",
+        &"the quick brown fox jumps over the lazy dog ".repeat(12),
+    ];
+    let ids = models[0].tokenize(&texts).unwrap();
+    let text_embeds: Vec<Vec<Vec<f32>>> = models.iter().map(|m| ids.iter().map(|i| m.embed_ids(std::slice::from_ref(i)).unwrap().remove(0)).collect()).collect();
+    let names: Vec<&str> = models.iter().map(|m| m.precision()).collect();
+    let parity_dir = tempfile::tempdir().unwrap();
+    {
+        let raw: Vec<u8> = photos.iter().flat_map(|p| p.data.iter().flat_map(|v| v.to_le_bytes())).collect();
+        std::fs::write(parity_dir.path().join("pixels.f32"), raw).unwrap();
+        let (c, h, w) = (photos[0].channels, photos[0].height, photos[0].width);
+        let spec = serde_json::json!({ "pixel_shape": [photos.len(), c, h, w], "input_ids": ids });
+        std::fs::write(parity_dir.path().join("input.json"), spec.to_string()).unwrap();
+    }
     drop(models);
     let clip = Arc::new(Clip::load_with(model_dir.to_str().unwrap(), magpie_core::Device::Cpu, ClipPrecision::Auto).expect("load model"));
     let q = "a puppy playing in the snow";
@@ -272,6 +301,8 @@ fn main() {
     } else {
         let out = Command::new(python())
             .args(["scripts/bench/peer_clip.py", model_dir.to_str().unwrap(), "--threads", &threads.to_string()])
+            .arg("--parity")
+            .arg(parity_dir.path())
             .env("OMP_NUM_THREADS", threads.to_string())
             .output();
         match out {
@@ -324,6 +355,24 @@ fn main() {
     }
     if let Some(c) = worst_cos {
         println!("bf16 vs f32 image embeddings: worst cosine {c:.6} over {} photos", photos.len());
+    }
+    // Full-size parity: magpie's embeddings of the photos and texts against transformers'
+    // f32 (the peer's) of the very same pixels and token ids.
+    let rows = |v: &serde_json::Value| -> Option<Vec<Vec<f32>>> {
+        v.as_array()?.iter().map(|r| r.as_array().map(|r| r.iter().map(|x| x.as_f64().unwrap_or(f64::NAN) as f32).collect())).collect()
+    };
+    if let Some(p) = peer.as_ref().map(|p| &p["parity"]) {
+        if let (Some(img), Some(txt)) = (rows(&p["image_embeds"]), rows(&p["text_embeds"])) {
+            for (i, name) in names.iter().enumerate() {
+                println!(
+                    "{name} vs transformers f32: worst cosine {:.7} over {} photos, {:.7} over {} texts",
+                    worst_cosine(&photo_embeds[i], &img),
+                    img.len(),
+                    worst_cosine(&text_embeds[i], &txt),
+                    txt.len()
+                );
+            }
+        }
     }
     println!(
         "\nvision encoder per stage (ms per image; GFLOP/s; share of the measured peak: f32 FMA {f32_peak:.0}, BF16 dot {}{} GFLOP/s)",

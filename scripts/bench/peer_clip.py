@@ -44,6 +44,27 @@ def timed_median(fn, min_time, min_iters=3):
     return sorted(times)[len(times) // 2]
 
 
+def features(x):
+    """transformers 5 returns a model output from get_*_features; 4 returned the tensor."""
+    return x.pooler_output if hasattr(x, "pooler_output") else x
+
+
+def parity(model, folder, device, dtype):
+    """Embeddings of the bench's own inputs: magpie's preprocessed photos (raw float32,
+    shape in input.json) and token ids, one text at a time (no padding)."""
+    import numpy as np
+    import torch
+
+    spec = json.load(open(os.path.join(folder, "input.json")))
+    px = np.fromfile(os.path.join(folder, "pixels.f32"), dtype="<f4").reshape(spec["pixel_shape"])
+    img = features(model.get_image_features(pixel_values=torch.from_numpy(px).to(device, dtype)))
+    txt = [features(model.get_text_features(input_ids=torch.tensor([ids]).to(device)))[0] for ids in spec["input_ids"]]
+    return {
+        "image_embeds": img.float().cpu().tolist(),
+        "text_embeds": [t.float().cpu().tolist() for t in txt],
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -53,6 +74,8 @@ def main():
     ap.add_argument("--min-time", type=float, default=3.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--parity", help="a directory with pixels.f32 and input.json (written by the Rust bench): "
+                    "the model's image and text embeddings of those inputs go into the output's \"parity\"")
     args = ap.parse_args()
     global SYNC
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -79,6 +102,8 @@ def main():
             ids = torch.tensor([[49406] + [320] * (t - 2) + [49407]]).to(args.device)
             dt = timed_median(lambda: model.get_text_features(input_ids=ids), args.min_time / 2, 10)
             out["text_ms"][str(t)] = dt * 1000
+        if args.parity:
+            out["parity"] = parity(model, args.parity, args.device, dtype)
     onnx_path = os.path.join(args.model, "vision.onnx")
     if args.device != "cpu":
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
