@@ -298,22 +298,15 @@ impl EncoderLayer {
         let ln = sized(&mut s.ln, m * h);
         time(0, || layer_norm_rows_par(isa, x, ln, &self.ln1, self.eps, h));
         let qkv = sized(&mut s.qkv, m * self.qkv.b.len());
-        let v = match &self.v {
-            Some(dense) => {
-                let v = sized(&mut s.v, m * h);
-                time(1, || {
-                    self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE);
-                    dense.forward(isa, ln, m, v, Epilogue::STORE)
-                });
-                Some(&*v)
+        let mut v = self.v.as_ref().map(|_| sized(&mut s.v, m * h));
+        time(1, || {
+            self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE);
+            if let (Some(dense), Some(v)) = (&self.v, v.as_deref_mut()) {
+                dense.forward(isa, ln, m, v, Epilogue::STORE)
             }
-            None => {
-                time(1, || self.qkv.forward(isa, ln, m, qkv, Epilogue::STORE));
-                None
-            }
-        };
+        });
         let attn = sized(&mut s.attn, if query.is_some() { batch } else { m } * h);
-        time(2, || self.attention(qkv, v, attn, batch, seq, mask, query));
+        time(2, || self.attention(qkv, v.as_deref(), attn, batch, seq, mask, query));
     }
 
     /// The second half, on `n` rows of the residual stream `y` (their attention in
@@ -687,10 +680,9 @@ mod tests {
                     let v_own = layer.is_bf16() && precision == Precision::Bf16;
                     assert_eq!(layer.v.as_ref().map(|v| v.w.is_bf16()), v_own.then_some(true));
                     assert_eq!(layer.qkv.b.len(), if v_own { 2 * h } else { 3 * h });
-                    if let (Some(v), PackedWeight::Bf16(b)) = (&layer.v, &layer.fc1.w) {
-                        if let PackedWeight::Bf16(vb) = &v.w {
-                            assert_eq!((vb.terms(), b.terms()), (1, 1));
-                        }
+                    // One bf16 term, also where Q and K take three (AMX).
+                    if let Some(PackedWeight::Bf16(vb)) = layer.v.as_ref().map(|v| &v.w) {
+                        assert_eq!(vb.terms(), 1);
                     }
                     if let PackedWeight::Bf16(b) = &layer.qkv.w {
                         assert_eq!(b.terms(), if qkv_x3 { 3 } else { 1 });
