@@ -23,6 +23,8 @@
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
+mod lanes;
+
 /// Bits looked up at once. Longer codes take the slow path (rare: real tables give the
 /// frequent symbols short codes).
 const LOOKUP_BITS: u32 = 11;
@@ -298,6 +300,24 @@ impl Header {
         )
     }
 
+    /// Zeroed planes for every component, MCU padding included.
+    fn new_planes(&self) -> Vec<Plane> {
+        let (mx, my) = self.mcus();
+        self.comps
+            .iter()
+            .map(|c| {
+                let (w, h) = self.samples(c);
+                let stride = mx * c.h * c.rh;
+                Plane {
+                    data: vec![0; stride * my * c.v * c.rv],
+                    stride,
+                    w,
+                    h,
+                }
+            })
+            .collect()
+    }
+
     fn to_image(&self, planes: &[Plane]) -> DynamicImage {
         let (ow, oh) = (self.width.div_ceil(8), self.height.div_ceil(8));
         if planes.len() == 1 {
@@ -522,7 +542,11 @@ fn decode_planes(bytes: &[u8], hd: &Header) -> Option<Vec<Plane>> {
     }
     SCAN.with_borrow_mut(|data| {
         let starts = unstuff(&bytes[hd.scan_start..], data);
-        decode_scan(data, &starts, hd)
+        if lanes::applies(data, hd) {
+            lanes::decode(data, hd)
+        } else {
+            decode_scan(data, &starts, hd)
+        }
     })
 }
 
@@ -757,20 +781,7 @@ fn dc_scan(
 fn decode_scan(data: &[u8], starts: &[usize], hd: &Header) -> Option<Vec<Plane>> {
     let data_len = data.len() - 8;
     let (mx, my) = hd.mcus();
-    let mut planes: Vec<Plane> = hd
-        .comps
-        .iter()
-        .map(|c| {
-            let (w, h) = hd.samples(c);
-            let stride = mx * c.h * c.rh;
-            Plane {
-                data: vec![0; stride * my * c.v * c.rv],
-                stride,
-                w,
-                h,
-            }
-        })
-        .collect();
+    let mut planes = hd.new_planes();
     let dc: Vec<&Huffman> = hd
         .comps
         .iter()
@@ -798,25 +809,17 @@ fn decode_scan(data: &[u8], starts: &[usize], hd: &Header) -> Option<Vec<Plane>>
         for m in m..(m + interval).min(total) {
             let (bx, by) = (m % mx, m / mx);
             for (c, comp) in hd.comps.iter().enumerate() {
-                let p = &mut planes[c];
                 for v in 0..comp.v {
-                    let row = (by * comp.v + v) * comp.rv * p.stride + bx * comp.h * comp.rh;
                     for h in 0..comp.h {
-                        // Wrapping: corrupt data may drift; the clamps below bound it.
+                        // Wrapping: corrupt data may drift; the clamps bound it.
                         pred[c] = pred[c].wrapping_add(r.dc_diff(dc[c])?);
-                        if !comp.sub_blocks() {
-                            r.skip_ac(ac[c])?;
-                            p.data[row + h] = dc_level(pred[c], comp.quant[0]);
+                        let means = if comp.sub_blocks() {
+                            Some(r.sample_means(ac[c], pred[c], &weights[c])?)
                         } else {
-                            let means = r.sample_means(ac[c], pred[c], &weights[c])?;
-                            for b in 0..comp.rv {
-                                for a in 0..comp.rh {
-                                    let s = means[b * comp.rh + a] + 128.5;
-                                    p.data[row + b * p.stride + h * comp.rh + a] =
-                                        s.clamp(0.0, 255.0) as u8;
-                                }
-                            }
-                        }
+                            r.skip_ac(ac[c])?;
+                            None
+                        };
+                        put_block(&mut planes[c], comp, (bx, by), (h, v), pred[c], means);
                     }
                 }
             }
@@ -829,6 +832,23 @@ fn decode_scan(data: &[u8], starts: &[usize], hd: &Header) -> Option<Vec<Plane>>
         seg += 1;
     }
     Some(planes)
+}
+
+/// Writes block `(h, v)` of MCU `(bx, by)` of `comp` into its plane: the block's mean
+/// from its DC (`pred`), or its sample means (components with sub-block samples).
+#[inline(always)]
+fn put_block(p: &mut Plane, comp: &Component, (bx, by): (usize, usize), (h, v): (usize, usize), pred: i32, means: Option<[f32; 4]>) {
+    let row = (by * comp.v + v) * comp.rv * p.stride + bx * comp.h * comp.rh;
+    let Some(means) = means else {
+        p.data[row + h] = dc_level(pred, comp.quant[0]);
+        return;
+    };
+    for b in 0..comp.rv {
+        for a in 0..comp.rh {
+            let s = means[b * comp.rh + a] + 128.5;
+            p.data[row + b * p.stride + h * comp.rh + a] = s.clamp(0.0, 255.0) as u8;
+        }
+    }
 }
 
 /// MSB-first bit reader over unstuffed data padded with 8 zero bytes: the top `bits` bits
@@ -876,14 +896,12 @@ impl<'a> BitReader<'a> {
         self.bits -= n;
     }
 
-    /// `size` bits as a coefficient: values below 2^(size−1) are negative, v − (2^size −
-    /// 1). Branch-free, and 0 for size 0.
+    /// `size` bits as a coefficient ([`coefficient`]).
     #[inline(always)]
     fn value(&mut self, size: u32) -> i32 {
-        let v = ((self.buf >> 1) >> (63 - size)) as i32;
+        let v = coefficient(self.buf, size);
         self.consume(size);
-        let negative = (v - ((1 << size) >> 1)) >> 31; // all ones when v < 2^(size−1)
-        v + (negative & (1 - (1 << size)))
+        v
     }
 
     /// One bit (a DC refinement).
@@ -967,6 +985,15 @@ impl<'a> BitReader<'a> {
         }
         Some(out)
     }
+}
+
+/// The `size` (≤ 15) bits at the top of `buf` as a coefficient: values below
+/// 2^(size−1) are negative, v − (2^size − 1). Branch-free, and 0 for size 0.
+#[inline(always)]
+fn coefficient(buf: u64, size: u32) -> i32 {
+    let v = ((buf >> 1) >> (63 - size)) as i32;
+    let negative = (v - ((1 << size) >> 1)) >> 31; // all ones when v < 2^(size−1)
+    v + (negative & (1 - (1 << size)))
 }
 
 /// An AC symbol's extra bits and how far it moves along the block: `r/s` with `s > 0` is
