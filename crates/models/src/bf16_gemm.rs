@@ -117,7 +117,7 @@ pub mod amx;
 /// How many times faster this GEMM is than the f32 one on the kernels of `isa`, measured
 /// once per process and kernel (AMX tiles or AVX-512 dot products) by a short race of the
 /// two on a 128 × 768 · 768 × 768 product (a CLIP layer's shape; about 10 ms in all, on
-/// rayon's pool): BF16 dot products are not faster than f32 FMA on every CPU that has them
+/// one thread): BF16 dot products are not faster than f32 FMA on every CPU that has them
 /// (on a 2-core Xeon, `vdpbf16ps` measured half the f32 FMA rate). `None` where `isa`
 /// lacks BF16 dot products.
 pub fn speedup_over_f32(isa: Isa) -> Option<f64> {
@@ -127,10 +127,15 @@ pub fn speedup_over_f32(isa: Isa) -> Option<f64> {
         return None;
     }
     let amx = isa >= Isa::Amx;
-    // On a pool thread, as the models run: from outside the pool every call pays two
-    // thread wake-ups, a larger share of the short f32 call (one race from outside
-    // measured 3.5×, the pool's 1.75–1.84× on a Zen 4).
-    Some(*RACES[amx as usize].get_or_init(|| crate::cpu::on_pool(|| race(isa))))
+    // On one thread of a pool of its own: the kernels' ratio is a property of a core, and
+    // a race across all cores is at the mercy of every other process (with the CLI tests'
+    // processes side by side on 2 cores it measured 0.86×, and two processes of one
+    // library then chose different precisions). From outside a pool every call would pay
+    // thread wake-ups, a larger share of the short f32 call (3.5× once on a Zen 4).
+    Some(*RACES[amx as usize].get_or_init(|| match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+        Ok(pool) => pool.install(|| race(isa)),
+        Err(_) => crate::cpu::on_pool(|| race(isa)),
+    }))
 }
 
 fn race(isa: Isa) -> f64 {
