@@ -62,16 +62,11 @@ const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 
 /// Whether [`decode`] takes this scan (`data` unstuffed and padded with 8 zero bytes):
 /// a long one (but under 8 MB) without restart markers, whose MCU has at most 8 blocks,
-/// on a CPU with AVX-512 (F and BW); and none of whose components has sub-block samples.
-/// Those (4:2:0 and 4:2:2 chroma) would be decoded twice, skipped in the lanes and then
-/// again for their coefficients, and on a Zen 5 that made 2–3 MB 4:2:0 photos 5–20%
-/// slower than the serial decoder, while 4:4:4 and grey ones gain 10–50%.
+/// on a CPU with AVX-512 (F and BW). Components with sub-block samples (4:2:0 and 4:2:2
+/// chroma) are decoded twice, skipped in the lanes and then again from their block
+/// starts for their coefficients; on a Zen 5 2–3 MB photos of that kind still decode
+/// 5–15% faster so than serially (4:4:4 and grey ones 30–45%).
 pub(super) fn applies(data: &[u8], hd: &Header) -> bool {
-    usable(data, hd) && !hd.comps.iter().any(Component::sub_blocks)
-}
-
-/// What the lanes need at all (sub-block samples included, which they decode correctly).
-fn usable(data: &[u8], hd: &Header) -> bool {
     let bpm: usize = hd.comps.iter().map(|c| c.h * c.v).sum();
     data.len() >= MIN_BYTES && data.len() < MAX_BYTES && bpm <= 8 && hd.restart_interval == 0 && simd::available()
 }
@@ -324,10 +319,16 @@ impl Lane {
     }
 }
 
+/// Lanes, the vector steps' records (block starts, DC differences), the spliced ones.
+type Buffers = (Vec<Lane>, Vec<u32>, Vec<u32>, Spliced);
+
 thread_local! {
-    /// Lanes' records and the vector steps' record regions, kept between images (as the
-    /// unstuffed scan is): fresh multi-megabyte buffers per photo cost page faults.
-    static BUFFERS: std::cell::RefCell<(Vec<Lane>, Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Lanes' records, the vector steps' record regions and the spliced records, kept
+    /// between images (as the unstuffed scan is): fresh multi-megabyte buffers per photo
+    /// cost page faults.
+    static BUFFERS: std::cell::RefCell<Buffers> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Spliced { dcs: Vec::new(), ats: Vec::new() }))
+    };
 }
 
 /// The planes of a baseline scan without restart markers (`data` unstuffed and padded
@@ -340,7 +341,7 @@ pub(super) fn decode(data: &[u8], hd: &Header) -> Option<Vec<Plane>> {
 /// decoded through by the lane before them).
 pub(super) fn decode_with(data: &[u8], hd: &Header) -> Option<(Vec<Plane>, usize)> {
     let scan = Scan::new(data, hd);
-    BUFFERS.with_borrow_mut(|(lanes, at, dc)| {
+    BUFFERS.with_borrow_mut(|(lanes, at, dc, spliced_recs)| {
         lanes.resize_with(L, Lane::default);
         let len = data.len() - 8;
         let starts: [usize; L] = std::array::from_fn(|l| len * l / L * 8);
@@ -364,7 +365,11 @@ pub(super) fn decode_with(data: &[u8], hd: &Header) -> Option<(Vec<Plane>, usize
             (*at, *dc) = (Vec::new(), Vec::new());
         }
         let (runs, spliced) = splice(&scan, lanes, hd)?;
-        Some((assemble(&scan, lanes, &runs, hd)?, spliced))
+        let planes = assemble(&scan, lanes, &runs, hd, spliced_recs);
+        if spliced_recs.dcs.capacity() > KEEP_RECORDS {
+            *spliced_recs = Spliced { dcs: Vec::new(), ats: Vec::new() };
+        }
+        Some((planes?, spliced))
     })
 }
 
@@ -433,16 +438,24 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
     Some((runs, spliced))
 }
 
+/// The spliced DC differences, and block starts where needed, in scan order.
+struct Spliced {
+    dcs: Vec<i32>,
+    ats: Vec<u32>,
+}
+
 /// The planes from the spliced records, blocks in MCU order with the DC predictions
 /// summed per component; blocks of components with sub-block samples decoded again from
 /// their starts for their AC sums.
-fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &Header) -> Option<Vec<Plane>> {
+fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &Header, buf: &mut Spliced) -> Option<Vec<Plane>> {
     let mut planes = hd.new_planes();
     let (mx, my) = hd.mcus();
     let total = mx * my * scan.bpm;
     // The spliced DC differences (and, for sub-block components, block starts) in order.
     let sub = hd.comps.iter().any(Component::sub_blocks);
-    let (mut dcs, mut ats) = (Vec::with_capacity(total + 1), Vec::new());
+    let Spliced { dcs, ats } = buf;
+    dcs.clear();
+    ats.clear();
     for &(l, from, to) in runs {
         dcs.extend_from_slice(&lanes[l].dc[from..to]);
         if sub {
@@ -548,6 +561,16 @@ mod simd {
             /// Records written, and where the lane's region starts.
             n: __m512i,
             region: __m512i,
+            /// The 64 bits from byte `wb` of the data (big-endian, in two halves): each
+            /// lane's bits are gathered again only when it has read past the first 32.
+            wb: __m512i,
+            hi: __m512i,
+            lo: __m512i,
+        }
+
+        /// The big-endian word at byte `i` of `data` (0 past its end).
+        fn word(data: &[u8], i: usize) -> u32 {
+            data.get(i..i + 4).map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
         }
 
         fn lanes16(f: impl Fn(usize) -> u32) -> [u32; 16] {
@@ -583,6 +606,9 @@ mod simd {
                     stop: load(lanes16(|i| stops[g * 16 + i] as u32)),
                     n: _mm512_setzero_si512(),
                     region: load(lanes16(|i| ((g * 16 + i) * *cap) as u32)),
+                    wb: load(lanes16(|i| (hot[g * 16 + i].bp / 8) as u32)),
+                    hi: load(lanes16(|i| word(scan.data, hot[g * 16 + i].bp / 8))),
+                    lo: load(lanes16(|i| word(scan.data, hot[g * 16 + i].bp / 8 + 4))),
                 })
                 .collect();
             loop {
@@ -640,16 +666,27 @@ mod simd {
                 return false;
             }
             let data = scan.data.as_ptr() as *const i32;
-            // The next 32 bits of each lane, from two big-endian words.
-            let byte = _mm512_srli_epi32::<3>(r.bp);
-            // SAFETY (both gathers): a live lane's bp < stop ≤ 8·(data.len() − 8), so its
-            // 8 bytes from bp/8 lie inside `data`; other lanes read nothing.
-            let hi = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live, byte, data);
-            let lo = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live, _mm512_add_epi32(byte, _mm512_set1_epi32(4)), data);
-            let swap = _mm512_set4_epi32(0x0c0d0e0f, 0x08090a0b, 0x04050607, 0x00010203);
-            let (hi, lo) = (_mm512_shuffle_epi8(hi, swap), _mm512_shuffle_epi8(lo, swap));
-            let s = _mm512_and_si512(r.bp, _mm512_set1_epi32(7));
-            let win = _mm512_or_si512(_mm512_sllv_epi32(hi, s), _mm512_srlv_epi32(lo, _mm512_sub_epi32(_mm512_set1_epi32(32), s)));
+            // The next 32 bits of each lane, from its 64 buffered ones; lanes that have
+            // read past the first 32 of those gather the 64 from their byte first.
+            let off = _mm512_sub_epi32(r.bp, _mm512_slli_epi32::<3>(r.wb));
+            if _mm512_mask_cmpgt_epu32_mask(live, off, _mm512_set1_epi32(32)) != 0 {
+                // All live lanes at once: a gather costs the same for one lane or all,
+                // and a fresh lane has read at most 7 of its 64 bits, so the next step
+                // or two need none.
+                let refill = live;
+                let byte = _mm512_srli_epi32::<3>(r.bp);
+                // SAFETY (both gathers): a live lane's bp < stop ≤ 8·(data.len() − 8), so
+                // its 8 bytes from bp/8 lie inside `data`; other lanes read nothing.
+                let hi = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), refill, byte, data);
+                let lo = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), refill, _mm512_add_epi32(byte, _mm512_set1_epi32(4)), data);
+                let swap = _mm512_set4_epi32(0x0c0d0e0f, 0x08090a0b, 0x04050607, 0x00010203);
+                r.hi = _mm512_mask_mov_epi32(r.hi, refill, _mm512_shuffle_epi8(hi, swap));
+                r.lo = _mm512_mask_mov_epi32(r.lo, refill, _mm512_shuffle_epi8(lo, swap));
+                r.wb = _mm512_mask_mov_epi32(r.wb, refill, byte);
+            }
+            let s = _mm512_sub_epi32(r.bp, _mm512_slli_epi32::<3>(r.wb));
+            // Shifts by 32 give 0, so s = 0 takes `hi` and s = 32 takes `lo`.
+            let win = _mm512_or_si512(_mm512_sllv_epi32(r.hi, s), _mm512_srlv_epi32(r.lo, _mm512_sub_epi32(_mm512_set1_epi32(32), s)));
             let is_ac = _mm512_test_epi32_mask(r.k, r.k);
             let which = _mm512_add_epi32(_mm512_add_epi32(r.slot, r.slot), _mm512_maskz_set1_epi32(is_ac, 1));
             let base = _mm512_permutexvar_epi32(which, bases);
@@ -776,7 +813,7 @@ mod tests {
         let hd = Header::parse(bytes)?;
         let mut data = Vec::new();
         let starts = unstuff(&bytes[hd.scan_start..], &mut data);
-        if !usable(&data, &hd) {
+        if !applies(&data, &hd) {
             return None;
         }
         let planes = |p: Vec<Plane>| p.into_iter().map(|p| p.data).collect::<Vec<_>>();
