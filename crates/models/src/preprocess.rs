@@ -337,24 +337,11 @@ fn resize_window(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample, xs: R
     };
     let stride = win_w * 3;
     let mut tmp = vec![0u8; rows.len() * stride];
+    let isa = crate::cpu::Isa::detect();
     if in_w != out_w {
         let (hb, hk, hks) = coeffs(in_w, out_w, f, support, xs.clone());
-        for (r, out_row) in tmp.chunks_exact_mut(stride).enumerate() {
-            let row = src_row(r + rows.start);
-            for (xx, &(xmin, n)) in hb.iter().enumerate() {
-                let k = &hk[xx * hks..][..n];
-                let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-                for (x, &kw) in k.iter().enumerate() {
-                    let p = &row[(xmin + x) * 3..][..3];
-                    for c in 0..3 {
-                        ss[c] += p[c] as i32 * kw;
-                    }
-                }
-                for c in 0..3 {
-                    out_row[xx * 3 + c] = clip8(ss[c]);
-                }
-            }
-        }
+        let h = Taps { bounds: &hb, k: &hk, ksize: hks };
+        passes::horizontal(isa, src, in_w as usize * 3, rows.clone(), &h, &mut tmp);
     } else {
         for (r, out_row) in tmp.chunks_exact_mut(stride).enumerate() {
             out_row.copy_from_slice(&src_row(r + rows.start)[xs.start as usize * 3..xs.end as usize * 3]);
@@ -364,18 +351,159 @@ fn resize_window(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample, xs: R
         return RgbImage::from_raw(win_w as u32, win_h as u32, tmp).expect("buffer size matches");
     };
     let mut out = vec![0u8; win_h * stride];
-    for (yy, &(ymin, n)) in vb.iter().enumerate() {
-        let k = &vk[yy * vks..][..n];
-        let out_row = &mut out[yy * stride..][..stride];
-        for (i, o) in out_row.iter_mut().enumerate() {
-            let mut ss = 1i32 << (PRECISION_BITS - 1);
-            for (y, &kw) in k.iter().enumerate() {
-                ss += tmp[(ymin - rows.start + y) * stride + i] as i32 * kw;
+    let v = Taps { bounds: &vb, k: &vk, ksize: vks };
+    passes::vertical(isa, &tmp, stride, rows.start, &v, &mut out);
+    RgbImage::from_raw(win_w as u32, win_h as u32, out).expect("buffer size matches")
+}
+
+/// One axis's filter, as [`coeffs`] gives it: per output index its first input index and
+/// tap count, and its taps at `k[i · ksize..]`.
+struct Taps<'a> {
+    bounds: &'a [(usize, usize)],
+    k: &'a [i32],
+    ksize: usize,
+}
+
+impl Taps<'_> {
+    fn of(&self, i: usize) -> (usize, &[i32]) {
+        let (first, n) = self.bounds[i];
+        (first, &self.k[i * self.ksize..][..n])
+    }
+}
+
+/// The two passes of the resize, in PIL's fixed-point arithmetic (so bit for bit its
+/// result at every ISA level): written so that the compiler vectorises their inner loops,
+/// and compiled once per level, taken at run time ([`crate::cpu::Isa::detect`]).
+///
+/// The vertical pass adds whole rows, each weighted by one tap: contiguous, 16 columns a
+/// vector. The horizontal one would weight each output pixel's own few input pixels, so it
+/// transposes 16 rows at a time (each input byte column becomes 16 contiguous bytes, one per
+/// row), filters those 16 rows at once, and transposes back. On a Zen 5 the resize of a
+/// 12 MP photo's 1/8-scale image (500×375) to CLIP's 224 window took 1.2 ms in scalar
+/// loops.
+mod passes {
+    use super::{clip8, Taps, PRECISION_BITS};
+    use crate::cpu::Isa;
+    use std::ops::Range;
+
+    /// Rows of a horizontal block.
+    const R: usize = 16;
+
+    /// `out` (rows × the window's width · 3) from the source rows `rows` (each `width3`
+    /// bytes of `src`).
+    pub(super) fn horizontal(isa: Isa, src: &[u8], width3: usize, rows: Range<usize>, h: &Taps, out: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: `detect` reports only levels the CPU has.
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => return unsafe { horizontal_avx512(src, width3, rows, h, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { horizontal_avx2(src, width3, rows, h, out) },
+            Isa::Scalar => {}
+        }
+        let _ = isa;
+        horizontal_impl(src, width3, rows, h, out)
+    }
+
+    /// `out` (one row of `stride` bytes per output row) from `tmp`, whose first row is
+    /// source row `row0`.
+    pub(super) fn vertical(isa: Isa, tmp: &[u8], stride: usize, row0: usize, v: &Taps, out: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: `detect` reports only levels the CPU has.
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => return unsafe { vertical_avx512(tmp, stride, row0, v, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { vertical_avx2(tmp, stride, row0, v, out) },
+            Isa::Scalar => {}
+        }
+        let _ = isa;
+        vertical_impl(tmp, stride, row0, v, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn horizontal_avx512(src: &[u8], width3: usize, rows: Range<usize>, h: &Taps, out: &mut [u8]) {
+        horizontal_impl(src, width3, rows, h, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_avx2(src: &[u8], width3: usize, rows: Range<usize>, h: &Taps, out: &mut [u8]) {
+        horizontal_impl(src, width3, rows, h, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn vertical_avx512(tmp: &[u8], stride: usize, row0: usize, v: &Taps, out: &mut [u8]) {
+        vertical_impl(tmp, stride, row0, v, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn vertical_avx2(tmp: &[u8], stride: usize, row0: usize, v: &Taps, out: &mut [u8]) {
+        vertical_impl(tmp, stride, row0, v, out)
+    }
+
+    #[inline(always)]
+    fn horizontal_impl(src: &[u8], width3: usize, rows: Range<usize>, h: &Taps, out: &mut [u8]) {
+        let outs = h.bounds.len();
+        let stride = outs * 3;
+        if outs == 0 || rows.is_empty() {
+            return;
+        }
+        // The input columns any output reads.
+        let lo = h.bounds.iter().map(|b| b.0).min().unwrap_or(0);
+        let hi = h.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0);
+        let mut t = vec![[0u8; R]; (hi - lo) * 3];
+        let mut o = vec![[0u8; R]; stride];
+        for start in rows.clone().step_by(R) {
+            let n = R.min(rows.end - start);
+            for l in 0..n {
+                let row = &src[(start + l) * width3..][lo * 3..hi * 3];
+                for (col, &b) in t.iter_mut().zip(row) {
+                    col[l] = b;
+                }
             }
-            *o = clip8(ss);
+            for xx in 0..outs {
+                let (first, k) = h.of(xx);
+                for c in 0..3 {
+                    let mut acc = [1i32 << (PRECISION_BITS - 1); R];
+                    for (x, &kw) in k.iter().enumerate() {
+                        let col = &t[(first - lo + x) * 3 + c];
+                        for (a, &b) in acc.iter_mut().zip(col) {
+                            *a += b as i32 * kw;
+                        }
+                    }
+                    for (d, &a) in o[xx * 3 + c].iter_mut().zip(&acc) {
+                        *d = clip8(a);
+                    }
+                }
+            }
+            for l in 0..n {
+                let row = &mut out[(start - rows.start + l) * stride..][..stride];
+                for (d, col) in row.iter_mut().zip(&o) {
+                    *d = col[l];
+                }
+            }
         }
     }
-    RgbImage::from_raw(win_w as u32, win_h as u32, out).expect("buffer size matches")
+
+    #[inline(always)]
+    fn vertical_impl(tmp: &[u8], stride: usize, row0: usize, v: &Taps, out: &mut [u8]) {
+        let mut acc = vec![0i32; stride];
+        for (yy, out_row) in out.chunks_exact_mut(stride).enumerate().take(v.bounds.len()) {
+            let (first, k) = v.of(yy);
+            acc.fill(1 << (PRECISION_BITS - 1));
+            for (y, &kw) in k.iter().enumerate() {
+                let row = &tmp[(first - row0 + y) * stride..][..stride];
+                for (a, &b) in acc.iter_mut().zip(row) {
+                    *a += b as i32 * kw;
+                }
+            }
+            for (d, &a) in out_row.iter_mut().zip(&acc) {
+                *d = clip8(a);
+            }
+        }
+    }
 }
 
 fn nearest(img: &RgbImage, out_w: u32, out_h: u32, xs: Range<u32>, ys: Range<u32>) -> RgbImage {
@@ -447,6 +575,59 @@ mod tests {
             };
             image::Rgb([next(), next(), next()])
         })
+    }
+
+    /// PIL's two passes as plain loops, one output value at a time.
+    fn reference_passes(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbImage {
+        let (f, support): (fn(f64) -> f64, f64) = if filter == Resample::Bicubic { (bicubic, 2.0) } else { (triangle, 1.0) };
+        let (in_w, in_h) = img.dimensions();
+        let (hb, hk, hks) = coeffs(in_w, out_w, f, support, 0..out_w);
+        let mid = RgbImage::from_fn(out_w, in_h, |x, y| {
+            let (xmin, n) = hb[x as usize];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for t in 0..n {
+                let p = img.get_pixel((xmin + t) as u32, y).0;
+                for c in 0..3 {
+                    ss[c] += p[c] as i32 * hk[x as usize * hks + t];
+                }
+            }
+            image::Rgb(ss.map(clip8))
+        });
+        let (vb, vk, vks) = coeffs(in_h, out_h, f, support, 0..out_h);
+        RgbImage::from_fn(out_w, out_h, |x, y| {
+            let (ymin, n) = vb[y as usize];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for t in 0..n {
+                let p = mid.get_pixel(x, (ymin + t) as u32).0;
+                for c in 0..3 {
+                    ss[c] += p[c] as i32 * vk[y as usize * vks + t];
+                }
+            }
+            image::Rgb(ss.map(clip8))
+        })
+    }
+
+    /// The vectorised passes give the plain loops' bytes at every ISA level this CPU has,
+    /// on sizes around their 16-row blocks and 16-column vectors.
+    #[test]
+    fn resize_passes_match_plain_loops_at_every_level() {
+        let img = noise(83, 77);
+        let levels: Vec<crate::cpu::Isa> = crate::cpu::Isa::ALL.into_iter().filter(|i| i.supported() == *i).collect();
+        for filter in [Resample::Bilinear, Resample::Bicubic] {
+            for (out_w, out_h) in [(40, 33), (17, 16), (5, 47), (83 * 2 + 1, 31), (1, 1), (23, 77 * 3)] {
+                let want = reference_passes(&img, out_w, out_h, filter);
+                for &isa in &levels {
+                    let (f, support): (fn(f64) -> f64, f64) = if filter == Resample::Bicubic { (bicubic, 2.0) } else { (triangle, 1.0) };
+                    let (hb, hk, hks) = coeffs(83, out_w, f, support, 0..out_w);
+                    let mut mid = vec![0u8; 77 * out_w as usize * 3];
+                    passes::horizontal(isa, img.as_raw(), 83 * 3, 0..77, &Taps { bounds: &hb, k: &hk, ksize: hks }, &mut mid);
+                    let (vb, vk, vks) = coeffs(77, out_h, f, support, 0..out_h);
+                    let mut out = vec![0u8; (out_w * out_h) as usize * 3];
+                    passes::vertical(isa, &mid, out_w as usize * 3, 0, &Taps { bounds: &vb, k: &vk, ksize: vks }, &mut out);
+                    assert_eq!(out, want.as_raw().as_slice(), "{filter:?} 83x77 -> {out_w}x{out_h} at {}", isa.name());
+                }
+            }
+        }
     }
 
     #[test]
