@@ -464,20 +464,7 @@ fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
     let mut starts = vec![0];
     let mut i = 0;
     loop {
-        // Copy up to the next 0xFF, eight bytes at a time while none is 0xFF.
-        let mut j = i;
-        while j + 8 <= b.len() {
-            let w = u64::from_le_bytes(b[j..j + 8].try_into().unwrap());
-            let inv = !w;
-            if (inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080) != 0 {
-                break;
-            }
-            j += 8;
-        }
-        while j < b.len() && b[j] != 0xFF {
-            j += 1;
-        }
-        out.extend_from_slice(&b[i..j]);
+        let j = copy_run(b, i, out);
         if j + 1 >= b.len() {
             break; // ran out without a marker: cut short
         }
@@ -496,6 +483,67 @@ fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
     }
     out.extend_from_slice(&[0; 8]);
     starts
+}
+
+/// Appends `b[i..j]` to `out`, `j` being where the next 0xFF is (or the end), and
+/// returns `j`.
+fn copy_run(b: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { copy_run_avx2(b, i, out) };
+    }
+    // Eight bytes at a time while none is 0xFF.
+    let mut j = i;
+    while j + 8 <= b.len() {
+        let w = u64::from_le_bytes(b[j..j + 8].try_into().expect("8 bytes"));
+        let inv = !w;
+        if (inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080) != 0 {
+            break;
+        }
+        j += 8;
+    }
+    while j < b.len() && b[j] != 0xFF {
+        j += 1;
+    }
+    out.extend_from_slice(&b[i..j]);
+    j
+}
+
+/// [`copy_run`], 32 bytes a step: each step's bytes are stored whole past the end of `out`
+/// (within its capacity) before looking for a 0xFF among them, and `out`'s length then
+/// takes only those before it. A scan has a 0xFF about every 256 bytes, so this is most of
+/// unstuffing; with a copy per run and 8-byte steps, decoding a 2–3 MB 12 MP JPEG at
+/// CLIP's scale took 0.2–0.4 ms longer on a Zen 5.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_run_avx2(b: &[u8], mut i: usize, out: &mut Vec<u8>) -> usize {
+    use std::arch::x86_64::*;
+    let start = i;
+    out.reserve(b.len() - i + 32);
+    let dst = out.as_mut_ptr().add(out.len());
+    let ff = _mm256_set1_epi8(-1);
+    let mut j = b.len();
+    while i + 32 <= b.len() {
+        // SAFETY: b[i..i + 32] is in `b`; out's capacity holds its length plus
+        // b.len() − start + 32 ≥ i − start + 32 bytes, so the store stays inside it.
+        let v = _mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i);
+        _mm256_storeu_si256(dst.add(i - start) as *mut __m256i, v);
+        let m = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, ff)) as u32;
+        if m != 0 {
+            j = i + m.trailing_zeros() as usize;
+            break;
+        }
+        i += 32;
+    }
+    if j == b.len() {
+        j = i + b[i..].iter().position(|&x| x == 0xFF).unwrap_or(b.len() - i);
+        // SAFETY: as above, i − start + (j − i) ≤ b.len() − start bytes.
+        std::ptr::copy_nonoverlapping(b.as_ptr().add(i), dst.add(i - start), j - i);
+    }
+    // SAFETY: the first j − start bytes past the old length were written: b[start..j].
+    out.set_len(out.len() + j - start);
+    j
 }
 
 thread_local! {
@@ -1187,6 +1235,67 @@ mod tests {
             }
         }
         out
+    }
+
+    /// `unstuff` one byte at a time: the data and the restart starts.
+    fn unstuff_reference(b: &[u8]) -> (Vec<u8>, Vec<usize>) {
+        let (mut out, mut starts, mut i) = (Vec::new(), vec![0], 0);
+        while i < b.len() {
+            if b[i] != 0xFF {
+                out.push(b[i]);
+                i += 1;
+                continue;
+            }
+            match b.get(i + 1) {
+                None => break,
+                Some(0x00) => {
+                    out.push(0xFF);
+                    i += 2;
+                }
+                Some(0xFF) => i += 1,
+                Some(0xD0..=0xD7) => {
+                    starts.push(out.len());
+                    i += 2;
+                }
+                Some(_) => break,
+            }
+        }
+        out.extend_from_slice(&[0; 8]);
+        (out, starts)
+    }
+
+    /// Runs of every length around the 8- and 32-byte steps between stuffed bytes, fill
+    /// bytes and restart markers, ended by a marker, by the data, or by a lone 0xFF.
+    #[test]
+    fn unstuff_matches_a_byte_at_a_time_reading() {
+        let mut state = 0x2545_F491u32;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let mut out = Vec::new();
+        for case in 0..400 {
+            let mut b = Vec::new();
+            for _ in 0..next() % 12 {
+                let run = [0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 300][next() as usize % 12];
+                b.extend((0..run).map(|_| (next() % 255) as u8));
+                b.extend_from_slice(match next() % 4 {
+                    0 => &[0xFF, 0x00],
+                    1 => &[0xFF, 0xFF, 0x00],
+                    2 => &[0xFF, 0xD3],
+                    _ => &[0x5A],
+                });
+            }
+            b.extend_from_slice(match case % 3 {
+                0 => &[0xFF, 0xD9, 0x11, 0x22][..],
+                1 => &[0xFF][..],
+                _ => &[][..],
+            });
+            let starts = unstuff(&b, &mut out);
+            assert_eq!((out.clone(), starts), unstuff_reference(&b), "case {case}");
+        }
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! Weißenberger and Schmidt, "Accelerating JPEG decompression on GPUs", 2021). So the scan
 //! is cut into [`L`] equal runs of bits, one lane each; the first lane starts at the true
 //! start, the others at a guess (the first block of an MCU). Sixteen lanes share each
-//! vector register, and one step (two gathers for the next 32 bits of each lane, one for
-//! its table entry) advances all of them by a DC symbol or one or two AC symbols,
-//! without a branch.
+//! vector register, and one step (a gather of each lane's table entry) advances all of
+//! them by a DC symbol or one or two AC symbols, without a branch. Each lane keeps the 64
+//! bits of its stream from a byte on; when one of them has read past the first 32, all
+//! of them gather their next 64 (two gathers, once every two or three steps).
 //!
 //! Each lane records every block start it passes (bit position and MCU slot) with the
 //! block's DC difference. Then, lane by lane, the decoding known to be true runs on past
@@ -22,17 +23,18 @@
 //!
 //! The lanes skip every block's AC coefficients. Components whose samples are finer than
 //! their blocks (4:2:0 chroma) need those coefficients' values: their blocks are decoded
-//! again from the recorded starts by the serial reader (correct, but slower than the
-//! serial decoder alone, so [`applies`] leaves such scans to it). The result is bit for
-//! bit the serial decoder's ([`super::decode_scan`]), which the tests check, and `None`
-//! exactly where that one fails.
+//! again from the recorded starts by the serial reader. The result is bit for bit the
+//! serial decoder's ([`super::decode_scan`]), which the tests check, and `None` exactly
+//! where that one fails.
 //!
-//! On a 2-core Zen 5 (fastest of seven runs each), decoding a 12 MP 4:4:4 JPEG to its 1/8
-//! scale took 7.2–7.4 ms instead of 11.2 (2 MB, upscaled photos with grain), 12.0–13.1
-//! instead of 15.4–15.8 (3 MB, waves and grain) and 10.3 instead of 11.5 (1.9 MB); a
-//! vector step of 16 lanes costs about 75 cycles while the scan's data fits the L2 cache,
-//! more past it (the 32 streams' gathers then wait on L3, and prefetching each lane's next
-//! lines helps only in part).
+//! On a 2-core Zen 5 (fastest of alternating runs; whole `decode_bytes` at CLIP's scale),
+//! a 12 MP JPEG took 5.3 ms in lanes against 12.2 serially (2 MB, 4:4:4, an upscaled
+//! photo with grain), 10.4 against 12.9 (2.9 MB, 4:2:0) and 12.3 against 14.4 (3.1 MB,
+//! 4:2:2). In a sampled profile of the steps the gather of the table entries takes about a
+//! fifth of the time and the two scatters of the block records a quarter; neither more
+//! lanes (48, 64: the steps are bound by the gathers and scatters, not their latency), nor
+//! one scatter for both registers' records, nor plain stores of the packed records, nor one
+//! log of all lanes' records sorted out afterwards made them faster.
 
 use super::{
     ac_step, coefficient, dc_level, put_block, sample_weights, BitReader, Component, Header, Huffman,
@@ -297,11 +299,14 @@ fn slow(scan: &Scan, buf: u64, slot: usize, is_dc: bool) -> Option<(u32, u32, i3
     }
 }
 
-/// A lane: its state after the vector steps, and its records.
+/// A lane: its state after the vector steps, and its records: their block starts, and
+/// the DC differences of those past the vector steps' `nv` (whose own stay in their
+/// region, read from there by [`assemble`]).
 #[derive(Default)]
 struct Lane {
     hot: Hot,
     at: Vec<u32>,
+    nv: usize,
     dc: Vec<i32>,
 }
 
@@ -310,7 +315,7 @@ impl Lane {
     fn next_block(&mut self, scan: &Scan) {
         let n = self.at.len();
         while self.at.len() == n && !self.hot.dead {
-            let Lane { hot, at, dc } = self;
+            let Lane { hot, at, dc, .. } = self;
             hot.step(scan, |(a, d)| {
                 at.push(a);
                 dc.push(d);
@@ -357,19 +362,18 @@ pub(super) fn decode_with(data: &[u8], hd: &Header) -> Option<(Vec<Plane>, usize
             lane.hot = h;
             lane.at.clear();
             lane.at.extend_from_slice(&at[l * cap..][..n[l]]);
+            lane.nv = n[l];
             lane.dc.clear();
-            lane.dc.extend(dc[l * cap..][..n[l]].iter().map(|&d| d as i32));
         }
-        // Regions past a 12 MP photo's needs are not kept for the next image.
+        let planes = splice(&scan, lanes, hd).and_then(|(runs, spliced)| Some((assemble(&scan, lanes, &runs, hd, (dc, cap), spliced_recs)?, spliced)));
+        // Buffers past a 12 MP photo's needs are not kept for the next image.
         if at.len() > KEEP_RECORDS {
             (*at, *dc) = (Vec::new(), Vec::new());
         }
-        let (runs, spliced) = splice(&scan, lanes, hd)?;
-        let planes = assemble(&scan, lanes, &runs, hd, spliced_recs);
         if spliced_recs.dcs.capacity() > KEEP_RECORDS {
             *spliced_recs = Spliced { dcs: Vec::new(), ats: Vec::new() };
         }
-        Some((planes?, spliced))
+        planes
     })
 }
 
@@ -447,7 +451,7 @@ struct Spliced {
 /// The planes from the spliced records, blocks in MCU order with the DC predictions
 /// summed per component; blocks of components with sub-block samples decoded again from
 /// their starts for their AC sums.
-fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &Header, buf: &mut Spliced) -> Option<Vec<Plane>> {
+fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &Header, (regions, cap): (&[u32], usize), buf: &mut Spliced) -> Option<Vec<Plane>> {
     let mut planes = hd.new_planes();
     let (mx, my) = hd.mcus();
     let total = mx * my * scan.bpm;
@@ -457,7 +461,14 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
     dcs.clear();
     ats.clear();
     for &(l, from, to) in runs {
-        dcs.extend_from_slice(&lanes[l].dc[from..to]);
+        let lane = &lanes[l];
+        let nv = lane.nv;
+        if from < nv {
+            dcs.extend(regions[l * cap..][from..to.min(nv)].iter().map(|&d| d as i32));
+        }
+        if to > nv {
+            dcs.extend_from_slice(&lane.dc[from.max(nv) - nv..to - nv]);
+        }
         if sub {
             ats.extend_from_slice(&lanes[l].at[from..to]);
         }
