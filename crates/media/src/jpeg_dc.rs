@@ -459,12 +459,17 @@ struct Plane {
 /// The entropy-coded data with byte stuffing removed, and where each restart interval
 /// starts in it.
 fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
+    unstuff_with(b, out, copy_run)
+}
+
+/// [`unstuff`] with `copy` for the runs between 0xFF bytes.
+fn unstuff_with(b: &[u8], out: &mut Vec<u8>, copy: fn(&[u8], usize, &mut Vec<u8>) -> usize) -> Vec<usize> {
     out.clear();
     out.reserve(b.len() + 8);
     let mut starts = vec![0];
     let mut i = 0;
     loop {
-        let j = copy_run(b, i, out);
+        let j = copy(b, i, out);
         if j + 1 >= b.len() {
             break; // ran out without a marker: cut short
         }
@@ -493,7 +498,11 @@ fn copy_run(b: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { copy_run_avx2(b, i, out) };
     }
-    // Eight bytes at a time while none is 0xFF.
+    copy_run_plain(b, i, out)
+}
+
+/// [`copy_run`] without SIMD: eight bytes at a time while none is 0xFF.
+fn copy_run_plain(b: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
     let mut j = i;
     while j + 8 <= b.len() {
         let w = u64::from_le_bytes(b[j..j + 8].try_into().expect("8 bytes"));
@@ -1293,8 +1302,11 @@ mod tests {
                 1 => &[0xFF][..],
                 _ => &[][..],
             });
+            let want = unstuff_reference(&b);
             let starts = unstuff(&b, &mut out);
-            assert_eq!((out.clone(), starts), unstuff_reference(&b), "case {case}");
+            assert_eq!((out.clone(), starts), want, "case {case}");
+            let starts = unstuff_with(&b, &mut out, copy_run_plain);
+            assert_eq!((out.clone(), starts), want, "case {case}, without SIMD");
         }
     }
 
