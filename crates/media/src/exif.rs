@@ -75,13 +75,13 @@ impl ExifInfo {
     }
 }
 
-/// First ASCII string of a field, trimmed of NULs and spaces; `None` when empty.
 /// A JPEG's EXIF block (the TIFF data of its first `Exif` APP1 segment), found by
 /// walking the marker segments up to the first scan, where EXIF must come: `Some(None)`
 /// when the file has none. kamadak-exif, not finding one, reads on through the whole
-/// entropy-coded data for a marker (0.6 ms for a 2.7 MB photo, a tenth of decoding it at
-/// the model's scale). `None` when `bytes` is not a JPEG or its segments do not parse
-/// (kamadak-exif's own search, which skips stray bytes, gets those).
+/// entropy-coded data for a marker, a chunk at a time (1.5 ms for a 3 MB 12 MP photo on a
+/// Zen 5, over a tenth of decoding it at the model's scale). `None` when `bytes` is not a
+/// JPEG or its segments do not parse (kamadak-exif's own search, which skips stray bytes,
+/// gets those).
 fn jpeg_app1(bytes: &[u8]) -> Option<Option<&[u8]>> {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
         return None;
@@ -116,6 +116,7 @@ fn jpeg_app1(bytes: &[u8]) -> Option<Option<&[u8]>> {
     }
 }
 
+/// First ASCII string of a field, trimmed of NULs and spaces; `None` when empty.
 fn ascii_value(value: &Value) -> Option<String> {
     let Value::Ascii(parts) = value else {
         return None;
