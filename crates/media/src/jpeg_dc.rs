@@ -494,11 +494,23 @@ fn unstuff_with(b: &[u8], out: &mut Vec<u8>, copy: fn(&[u8], usize, &mut Vec<u8>
 /// returns `j`.
 fn copy_run(b: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { copy_run_avx2(b, i, out) };
     }
     copy_run_plain(b, i, out)
+}
+
+/// The highest SIMD level `MAGPIE_CPU_ISA` leaves the decoder (read once): 0 for
+/// `scalar`, 1 for `avx2` (the AVX2 run copies), 2 otherwise (the AVX-512 lanes too, where
+/// the CPU has them). The models' kernels take their level from the same variable.
+fn simd_cap() -> u8 {
+    static CAP: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("MAGPIE_CPU_ISA").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        Ok("scalar") => 0,
+        Ok("avx2") => 1,
+        _ => 2,
+    })
 }
 
 /// [`copy_run`] without SIMD: eight bytes at a time while none is 0xFF.
