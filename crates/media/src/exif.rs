@@ -83,36 +83,23 @@ impl ExifInfo {
 /// JPEG or its segments do not parse (kamadak-exif's own search, which skips stray bytes,
 /// gets those).
 fn jpeg_app1(bytes: &[u8]) -> Option<Option<&[u8]>> {
+    use crate::jpeg_dc::{next_marker, segment};
     if !bytes.starts_with(&[0xFF, 0xD8]) {
         return None;
     }
     let mut i = 2;
     loop {
-        if *bytes.get(i)? != 0xFF {
-            return None;
-        }
-        while *bytes.get(i + 1)? == 0xFF {
-            i += 1; // fill bytes
-        }
-        let marker = *bytes.get(i + 1)?;
+        let (at, marker) = next_marker(bytes, i)?;
         match marker {
-            0x01 | 0xD0..=0xD7 => {
-                i += 2; // standalone markers
-                continue;
-            }
             0xD9 | 0xDA => return Some(None), // end of image, start of scan
             0x00 | 0xD8 => return None,
             _ => {}
         }
-        let len = u16::from_be_bytes([*bytes.get(i + 2)?, *bytes.get(i + 3)?]) as usize;
-        let payload = bytes.get(i + 4..(i + 2 + len).max(i + 4))?;
-        if len < 2 {
-            return None;
-        }
+        let (len, payload) = segment(bytes, at)?;
         if marker == 0xE1 && payload.starts_with(b"Exif\0\0") {
             return Some(Some(&payload[6..]));
         }
-        i += 2 + len;
+        i = at + 2 + len;
     }
 }
 

@@ -463,7 +463,7 @@ fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
 }
 
 /// [`unstuff`] with `copy` for the runs between 0xFF bytes.
-fn unstuff_with(b: &[u8], out: &mut Vec<u8>, copy: fn(&[u8], usize, &mut Vec<u8>) -> usize) -> Vec<usize> {
+fn unstuff_with(b: &[u8], out: &mut Vec<u8>, copy: impl Fn(&[u8], usize, &mut Vec<u8>) -> usize) -> Vec<usize> {
     out.clear();
     out.reserve(b.len() + 8);
     let mut starts = vec![0];
@@ -623,7 +623,7 @@ fn decode_planes(bytes: &[u8], hd: &Header) -> Option<Vec<Plane>> {
 
 /// The next marker at or after `i` (fill bytes and standalone markers skipped): the
 /// offset of its 0xFF and its code.
-fn next_marker(b: &[u8], mut i: usize) -> Option<(usize, u8)> {
+pub(crate) fn next_marker(b: &[u8], mut i: usize) -> Option<(usize, u8)> {
     loop {
         if *b.get(i)? != 0xFF {
             return None;
@@ -640,7 +640,7 @@ fn next_marker(b: &[u8], mut i: usize) -> Option<(usize, u8)> {
 }
 
 /// The length field and payload of the marker segment at `i`.
-fn segment(b: &[u8], i: usize) -> Option<(usize, &[u8])> {
+pub(crate) fn segment(b: &[u8], i: usize) -> Option<(usize, &[u8])> {
     let len = u16::from_be_bytes([*b.get(i + 2)?, *b.get(i + 3)?]) as usize;
     if len < 2 {
         return None;

@@ -389,40 +389,57 @@ mod passes {
     /// Rows of a horizontal block.
     const R: usize = 16;
 
-    /// `out` (rows × the window's width · 3) from the source rows `rows` (each `width3`
-    /// bytes of `src`).
-    pub(super) fn horizontal(isa: Isa, src: &[u8], width3: usize, rows: Range<usize>, h: &Taps, out: &mut [u8]) {
+    /// Which compiled copy of the passes runs.
+    enum Level {
+        #[cfg(target_arch = "x86_64")]
+        Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        Plain,
+    }
+
+    /// The best copy `isa` allows that the CPU has (checked here, whatever `isa` says):
+    /// AVX-512 F, AVX2, or the portable one.
+    fn level(isa: Isa) -> Level {
         #[cfg(target_arch = "x86_64")]
         {
             if isa >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512 F (checked just above).
-                return unsafe { horizontal_avx512(src, width3, rows, h, out) };
+                return Level::Avx512;
             }
             if isa >= Isa::Avx2 && std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { horizontal_avx2(src, width3, rows, h, out) };
+                return Level::Avx2;
             }
         }
         let _ = isa;
-        horizontal_impl(src, width3, rows, h, out)
+        Level::Plain
+    }
+
+    /// `out` (rows × the window's width · 3) from the source rows `rows` (each `width3`
+    /// bytes of `src`).
+    pub(super) fn horizontal(isa: Isa, src: &[u8], width3: usize, rows: Range<usize>, h: &Taps, out: &mut [u8]) {
+        match level(isa) {
+            // SAFETY: `level` names only what the CPU has.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { horizontal_avx512(src, width3, rows, h, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { horizontal_avx2(src, width3, rows, h, out) },
+            Level::Plain => horizontal_impl(src, width3, rows, h, out),
+        }
     }
 
     /// `out` (one row of `stride` bytes per output row) from `tmp`, whose first row is
     /// source row `row0`.
     pub(super) fn vertical(isa: Isa, tmp: &[u8], stride: usize, row0: usize, v: &Taps, out: &mut [u8]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if isa >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512 F (checked just above).
-                return unsafe { vertical_avx512(tmp, stride, row0, v, out) };
-            }
-            if isa >= Isa::Avx2 && std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { vertical_avx2(tmp, stride, row0, v, out) };
-            }
+        match level(isa) {
+            // SAFETY: `level` names only what the CPU has.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { vertical_avx512(tmp, stride, row0, v, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { vertical_avx2(tmp, stride, row0, v, out) },
+            Level::Plain => vertical_impl(tmp, stride, row0, v, out),
         }
-        let _ = isa;
-        vertical_impl(tmp, stride, row0, v, out)
     }
 
     #[cfg(target_arch = "x86_64")]
