@@ -159,25 +159,27 @@ fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
-/// A file's bytes, with the size and modification time they belong to. A file that
-/// changes while it is read (a copy still being written, an editor saving) gives an
-/// error: whatever was read may be half old, half new. Its row then keeps the size and
-/// time from before the read, which the changed file no longer has, so the next run
-/// (or the watcher's next event) reads it again.
-fn read_stable(path: &Path) -> std::result::Result<(Vec<u8>, u64, i64), String> {
-    read_stable_with(path, |f, buf| std::io::Read::read_to_end(f, buf).map(drop))
+/// A file's bytes, read into `buf` (emptied first), with the size and modification time
+/// they belong to. A file that changes while it is read (a copy still being written, an
+/// editor saving) gives an error: whatever was read may be half old, half new. Its row
+/// then keeps the size and time from before the read, which the changed file no longer
+/// has, so the next run (or the watcher's next event) reads it again.
+fn read_stable(path: &Path, buf: &mut Vec<u8>) -> std::result::Result<(u64, i64), String> {
+    read_stable_with(path, buf, |f, buf| std::io::Read::read_to_end(f, buf).map(drop))
 }
 
 fn read_stable_with(
     path: &Path,
+    bytes: &mut Vec<u8>,
     read: impl FnOnce(&mut std::fs::File, &mut Vec<u8>) -> std::io::Result<()>,
-) -> std::result::Result<(Vec<u8>, u64, i64), String> {
+) -> std::result::Result<(u64, i64), String> {
+    bytes.clear();
     let mut f = std::fs::File::open(path).map_err(|e| reason(path, e))?;
     let before = f.metadata().map_err(|e| reason(path, e))?;
     // Capacity for the whole file, within reason (a huge file named like an image grows
     // the buffer as it goes, and fails later, in the decoder's limits).
-    let mut bytes = Vec::with_capacity(before.len().min(256 << 20) as usize);
-    read(&mut f, &mut bytes).map_err(|e| reason(path, e))?;
+    bytes.reserve(before.len().min(256 << 20) as usize);
+    read(&mut f, bytes).map_err(|e| reason(path, e))?;
     // By path: a file replaced by a rename during the read counts as changed too.
     let after = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -191,7 +193,16 @@ fn read_stable_with(
             after.len()
         ));
     }
-    Ok((bytes, size, mtime))
+    Ok((size, mtime))
+}
+
+/// A file buffer each decode thread keeps between files: a fresh one per file (2–5 MB for
+/// a photo) would be new memory for the kernel to fault in and clear every time.
+/// Buffers grown past this are let go after their file.
+const KEEP_FILE_BUFFER: usize = 32 << 20;
+
+thread_local! {
+    static FILE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Read, sniff, hash, decode (at reduced scale when enough) and preprocess one file.
@@ -208,24 +219,47 @@ fn prepare(cand: Candidate, embedder: &dyn ImageEmbedder, opts: &DecodeOptions) 
             }
         }
     }
-    let (bytes, size, mtime_ns) = match read_stable(&cand.path) {
-        Ok(b) => b,
+    let mut bytes = FILE_BUFFER.take();
+    let read = read_stable(&cand.path, &mut bytes).and_then(|(size, mtime_ns)| {
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let decoded = magpie_media::decode_bytes(&bytes, opts, &cand.path).map_err(|e| reason(&cand.path, e))?;
+        Ok((size, mtime_ns, hash, decoded))
+    });
+    if bytes.capacity() <= KEEP_FILE_BUFFER {
+        FILE_BUFFER.set(bytes);
+    }
+    let (cand, hash, decoded) = match read {
+        // The file may have changed since the walk: what is stored must describe these bytes.
+        Ok((size, mtime_ns, hash, decoded)) => (Candidate { size, mtime_ns, ..cand }, hash, decoded),
         Err(r) => return Prepared::Failed { cand, reason: r },
     };
-    // The file may have changed since the walk: what is stored must describe these bytes.
-    let cand = Candidate { size, mtime_ns, ..cand };
-    let hash = blake3::hash(&bytes).to_hex().to_string();
-    let decoded = match magpie_media::decode_bytes(&bytes, opts, &cand.path) {
-        Ok(d) => d,
-        Err(e) => {
-            let r = reason(&cand.path, e);
-            return Prepared::Failed { cand, reason: r };
-        }
-    };
-    drop(bytes);
     match embedder.preprocess(&decoded.image) {
         Ok(pixels) => Prepared::Ready { cand, hash, meta: to_store_meta(&decoded.meta), pixels },
         Err(e) => Prepared::Failed { reason: format!("preprocessing failed: {e}"), cand },
+    }
+}
+
+/// Stops the kernel backing this process's memory with transparent huge pages, from now
+/// on (Linux; elsewhere nothing).
+///
+/// Indexing frees and allocates megabytes per image (file, scan, planes, pixels, the
+/// model's activations). The allocator hands some of them fresh address space, which it
+/// has advised for huge pages, so each first touch has the kernel clear a whole 2 MB page:
+/// in a sampled profile of `magpie index` over 12 MP JPEGs on a 2-core Zen 5, 15% of the
+/// CPU time of the indexing went to `clear_page`. With 4 KB pages only what is touched is
+/// cleared: the same runs took 9–13% less CPU time and ran 3–10% faster, and the pure
+/// embedding rate did not change. Memory already faulted in (the loaded weights) keeps its
+/// huge pages; a server that indexes goes on without them for its searches too.
+pub(crate) fn small_pages_from_now() {
+    #[cfg(target_os = "linux")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: PR_SET_THP_DISABLE takes one integer argument and the rest zero; it
+            // only sets a flag on this process's memory map.
+            let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+            tracing::debug!(ok = r == 0, "transparent huge pages off for indexing");
+        });
     }
 }
 
@@ -242,6 +276,7 @@ fn run_pipeline(
     } else {
         opts.decode_threads
     };
+    small_pages_from_now();
     let decode = DecodeOptions { max_pixels: opts.max_pixels, min_side: Some(embedder.input_side()) };
     let cands = Arc::new(cands);
     let next = Arc::new(AtomicUsize::new(0));
@@ -267,15 +302,15 @@ fn run_pipeline(
         if pending.is_empty() {
             return true;
         }
-        let items = std::mem::take(pending);
-        let pixels: Vec<Pixels> = items.iter().map(|i| i.3.clone()).collect();
+        let (items, pixels): (Vec<_>, Vec<Pixels>) =
+            std::mem::take(pending).into_iter().map(|(cand, hash, meta, pixels)| ((cand, hash, meta), pixels)).unzip();
         let model = embedder.model().id.clone();
         let msg = match embedder.embed_pixels(&pixels) {
             Ok(vectors) if vectors.len() == items.len() => {
                 let mut files = Vec::with_capacity(items.len());
                 let mut existing = Vec::with_capacity(items.len());
                 let mut failures = Vec::new();
-                for ((cand, hash, meta, _), v) in items.into_iter().zip(vectors) {
+                for ((cand, hash, meta), v) in items.into_iter().zip(vectors) {
                     match Embedding::normalized(model.clone(), v) {
                         Ok(embedding) => {
                             existing.push(cand.existing);
@@ -705,11 +740,13 @@ mod tests {
         let p = dir.path().join("growing.jpg");
         std::fs::write(&p, vec![1u8; 5000]).unwrap();
         // Unchanged: the bytes with their size and time.
-        let (bytes, size, mtime) = read_stable(&p).unwrap();
+        let mut bytes = vec![9u8; 7000]; // a buffer's old contents go
+        let (size, mtime) = read_stable(&p, &mut bytes).unwrap();
         assert_eq!((bytes.len(), size), (5000, 5000));
+        assert!(bytes.iter().all(|&b| b == 1));
         assert_eq!(mtime, mtime_ns(&std::fs::metadata(&p).unwrap()));
         // A writer appends while we read.
-        let e = read_stable_with(&p, |f, buf| {
+        let e = read_stable_with(&p, &mut bytes, |f, buf| {
             std::io::Read::read_to_end(f, buf)?;
             std::fs::OpenOptions::new().append(true).open(&p)?.write_all(&[2u8; 100])?;
             Ok(())
@@ -717,7 +754,7 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("changed while being read") && e.contains("5000 bytes when opened") && e.contains("5100 now"), "{e}");
         // Rewritten in place (same size, new time) during the read.
-        let e = read_stable_with(&p, |f, buf| {
+        let e = read_stable_with(&p, &mut bytes, |f, buf| {
             std::io::Read::read_to_end(f, buf)?;
             let f2 = std::fs::OpenOptions::new().write(true).open(&p)?;
             f2.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))?;
@@ -726,21 +763,21 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("changed while being read"), "{e}");
         // Truncated during the read: fewer bytes than the size it was opened with.
-        let e = read_stable_with(&p, |f, buf| {
+        let e = read_stable_with(&p, &mut bytes, |f, buf| {
             std::fs::OpenOptions::new().write(true).open(&p)?.set_len(10)?;
             std::io::Read::read_to_end(f, buf).map(drop)
         })
         .unwrap_err();
         assert!(e.contains("changed while being read"), "{e}");
         // Deleted during the read.
-        let e = read_stable_with(&p, |f, buf| {
+        let e = read_stable_with(&p, &mut bytes, |f, buf| {
             std::io::Read::read_to_end(f, buf)?;
             std::fs::remove_file(&p)
         })
         .unwrap_err();
         assert!(e.contains("vanished while being read"), "{e}");
         // And gone before the open: the OS error.
-        assert!(read_stable(&p).unwrap_err().contains("No such file"));
+        assert!(read_stable(&p, &mut bytes).unwrap_err().contains("No such file"));
     }
 
     use std::io::Write;

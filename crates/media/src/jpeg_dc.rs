@@ -33,10 +33,35 @@ const LOOKUP_BITS: u32 = 11;
 
 /// Decodes the 1/8-scale image: ⌈width/8⌉ × ⌈height/8⌉ pixels, each the mean of its block
 /// (chroma interpolated between block centres as libjpeg's fancy upsampling does).
-pub(crate) fn decode_dc(bytes: &[u8]) -> Option<DynamicImage> {
-    let header = Header::parse(bytes)?;
-    let planes = decode_planes(bytes, &header)?;
-    Some(header.to_image(&planes))
+#[cfg(test)]
+fn decode_dc(bytes: &[u8]) -> Option<DynamicImage> {
+    DcJpeg::parse(bytes)?.decode()
+}
+
+/// A JPEG whose header this module reads (baseline or progressive, Huffman coded, 8-bit,
+/// grey or three components), parsed once: its frame size is known before any decoding,
+/// without handing the file to another decoder (the `image` crate's copies the whole file
+/// before it reads the header).
+pub(crate) struct DcJpeg<'a> {
+    bytes: &'a [u8],
+    header: Header,
+}
+
+impl<'a> DcJpeg<'a> {
+    pub(crate) fn parse(bytes: &'a [u8]) -> Option<DcJpeg<'a>> {
+        Some(DcJpeg { bytes, header: Header::parse(bytes)? })
+    }
+
+    /// Width and height of the frame (full size, before EXIF orientation).
+    pub(crate) fn dims(&self) -> (u32, u32) {
+        (self.header.width as u32, self.header.height as u32)
+    }
+
+    /// The 1/8-scale image, as [`decode_dc`].
+    pub(crate) fn decode(&self) -> Option<DynamicImage> {
+        let planes = decode_planes(self.bytes, &self.header)?;
+        Some(self.header.to_image(&planes))
+    }
 }
 
 /// Natural (row-major) index of each zig-zag position.

@@ -212,6 +212,23 @@ fn decode_pixels(
             detail: "no end-of-image marker; the file is cut short".into(),
         });
     }
+    if format == Format::Jpeg {
+        if let Some(side) = opts.min_side {
+            // Shorter side still ≥ the model's at 1/8: one pixel per block, from the DC
+            // coefficients alone (a box filter, so no aliasing for the resize that
+            // follows). The frame's size comes from our own header reader, which does not
+            // copy the file as the `image` crate's decoder does first.
+            if let Some(jpeg) = jpeg_dc::DcJpeg::parse(bytes) {
+                let (width, height) = jpeg.dims();
+                opts.check_pixels(width, height, path)?;
+                if width.min(height).div_ceil(8) >= side {
+                    if let Some(image) = jpeg.decode() {
+                        return Ok((image, (width, height)));
+                    }
+                }
+            }
+        }
+    }
     let image_format = format.to_image_format().expect("decodable format");
     let mut reader = ImageReader::with_format(Cursor::new(bytes), image_format);
     let mut limits = Limits::default();
@@ -223,16 +240,6 @@ fn decode_pixels(
     opts.check_pixels(width, height, path)?;
 
     if format == Format::Jpeg {
-        // Shorter side still ≥ the model's at 1/8: one pixel per block, from the DC
-        // coefficients alone (a box filter, so no aliasing for the resize that follows).
-        if opts
-            .min_side
-            .is_some_and(|s| width.min(height).div_ceil(8) >= s)
-        {
-            if let Some(image) = jpeg_dc::decode_dc(bytes) {
-                return Ok((image, (width, height)));
-            }
-        }
         if let Some(denom) = opts.min_side.and_then(|s| reduction_for(width, height, s)) {
             let max_alloc = usize::try_from(opts.max_alloc()).unwrap_or(usize::MAX);
             if let Some(image) = jpeg::decode_scaled(bytes, denom, max_alloc) {

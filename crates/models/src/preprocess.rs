@@ -155,7 +155,15 @@ impl ProcessorConfig {
         if image.width() == 0 || image.height() == 0 {
             return Err(Error::Preprocess("image has no pixels".into()));
         }
-        let rgb = to_rgb(image);
+        // An RGB image (what JPEGs decode to) is read in place, not copied.
+        let converted;
+        let rgb: &RgbImage = match image {
+            DynamicImage::ImageRgb8(rgb) => rgb,
+            other => {
+                converted = to_rgb(other);
+                &converted
+            }
+        };
         let (rh, rw) = if self.do_resize { self.resize_target(rgb.height(), rgb.width()) } else { (rgb.height(), rgb.width()) };
         let (ch, cw) = if self.do_center_crop { exact(self.crop_size) } else { (rh, rw) };
         if ch as u64 * cw as u64 > MAX_OUTPUT_PIXELS {
@@ -174,9 +182,9 @@ impl ProcessorConfig {
         let ys = top.clamp(0, h) as u32..(top + ch as i64).clamp(0, h) as u32;
         let xs = left.clamp(0, w) as u32..(left + cw as i64).clamp(0, w) as u32;
         let window = if self.do_resize {
-            resize_window(&rgb, rw, rh, self.filter().map_err(Error::Preprocess)?, xs.clone(), ys.clone())
+            resize_window(rgb, rw, rh, self.filter().map_err(Error::Preprocess)?, xs.clone(), ys.clone())
         } else {
-            image::imageops::crop_imm(&rgb, xs.start, ys.start, xs.len() as u32, ys.len() as u32).to_image()
+            image::imageops::crop_imm(rgb, xs.start, ys.start, xs.len() as u32, ys.len() as u32).to_image()
         };
         let scale = if self.do_rescale { self.rescale_factor as f32 } else { 1.0 };
         let plane = (ch * cw) as usize;
