@@ -82,11 +82,12 @@ fn index_search_similar_embed_status() {
     let prec = status["compute"]["clip_precision"].as_str().unwrap();
     assert!(prec == "bf16" || prec == "f32", "{status}");
     // Auto takes bf16 where the CPU has BF16 dot products (AVX-512 or AMX) and they
-    // measured at least 1.1× f32's speed here.
+    // measured at least 1.1× f32's speed here, in an optimised build (a debug build's
+    // race times unoptimised kernels, and auto keeps f32 there).
     let cpu = status["compute"]["cpu"].as_str().unwrap();
     let speedup = status["compute"]["bf16_speedup"].as_f64();
     assert_eq!(speedup.is_some(), cpu == "avx512bf16" || cpu == "amx", "{status}");
-    assert_eq!(prec == "bf16", speedup.is_some_and(|s| s >= 1.1), "{status}");
+    assert_eq!(prec == "bf16", speedup.is_some_and(|s| s >= 1.1) && !cfg!(debug_assertions), "{status}");
     assert_eq!(json(data.path(), &["--precision", "f32", "status"])["compute"]["clip_precision"], "f32");
     assert!(!magpie(data.path(), &["--precision", "f8", "status"]).status.success());
     let human = ok(data.path(), &["status"]);

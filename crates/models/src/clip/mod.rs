@@ -61,7 +61,7 @@ impl ClipPrecision {
         let bf16 = match self {
             ClipPrecision::F32 => false,
             ClipPrecision::Bf16 => has_bf16,
-            ClipPrecision::Auto => crate::bf16_gemm::speedup_over_f32(isa).is_some_and(|s| s >= AUTO_BF16_SPEEDUP),
+            ClipPrecision::Auto => auto_takes_bf16(isa),
         };
         if bf16 {
             "bf16"
@@ -84,6 +84,9 @@ impl ClipPrecision {
             (ClipPrecision::Auto, "bf16") => format!("bf16 on the CPU ({isa} kernels: {}, f32 attention; --precision f32 forces f32)", race()),
             (_, "bf16") => format!("bf16 on the CPU ({isa} kernels: {kernels}, f32 attention; asked for by --precision bf16)"),
             (ClipPrecision::F32, _) => format!("f32 on the CPU ({isa} kernels; asked for by --precision f32)"),
+            (ClipPrecision::Auto, _) if isa >= crate::cpu::Isa::Avx512Bf16 && cfg!(debug_assertions) => {
+                format!("f32 on the CPU ({isa} kernels; a debug build, whose race of unoptimised kernels auto does not trust; --precision bf16 forces BF16)")
+            }
             (ClipPrecision::Auto, _) if isa >= crate::cpu::Isa::Avx512Bf16 => {
                 format!("f32 on the CPU ({isa} kernels; {}, less than the {AUTO_BF16_SPEEDUP}× that auto wants; --precision bf16 forces BF16)", race())
             }
@@ -97,6 +100,15 @@ impl ClipPrecision {
 
 /// The speed-up over f32 at which `--precision auto` takes BF16.
 pub const AUTO_BF16_SPEEDUP: f64 = 1.1;
+
+/// Whether `--precision auto` takes BF16 on a CPU with `isa`: its kernels measured at
+/// least [`AUTO_BF16_SPEEDUP`] × f32's speed in the race, in an optimised build. A debug
+/// build keeps f32: its race times unoptimised kernels (0.85× on a Zen 5 whose release
+/// build measures 2.05×), a verdict near the bar that load can tip, and two processes of
+/// one library (the crash tests' indexers) then embedded in different precisions.
+pub fn auto_takes_bf16(isa: crate::cpu::Isa) -> bool {
+    !cfg!(debug_assertions) && crate::bf16_gemm::speedup_over_f32(isa).is_some_and(|s| s >= AUTO_BF16_SPEEDUP)
+}
 
 impl std::str::FromStr for ClipPrecision {
     type Err = String;
