@@ -37,7 +37,7 @@
 //! log of all lanes' records sorted out afterwards made them faster.
 
 use super::{
-    ac_step, coefficient, dc_level, put_block, sample_weights, BitReader, Component, Header, Huffman,
+    ac_step, coefficient, put_block, sample_weights, BitReader, Component, Header, Huffman,
     Plane, LOOKUP_BITS,
 };
 
@@ -71,6 +71,38 @@ const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 pub(super) fn applies(data: &[u8], hd: &Header) -> bool {
     let bpm: usize = hd.comps.iter().map(|c| c.h * c.v).sum();
     data.len() >= MIN_BYTES && data.len() < MAX_BYTES && bpm <= 8 && hd.restart_interval == 0 && simd::available()
+}
+
+/// [`super::dc_level`] of each prediction, `q` a quantiser (at most 65535, as a table holds).
+fn levels(preds: &[i32], q: i32, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { levels_avx2(preds, q, out) };
+        return;
+    }
+    levels_plain(preds, q, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn levels_avx2(preds: &[i32], q: i32, out: &mut [u8]) {
+    levels_plain(preds, q, out)
+}
+
+#[inline(always)]
+fn levels_plain(preds: &[i32], q: i32, out: &mut [u8]) {
+    for (o, &p) in out.iter_mut().zip(preds) {
+        *o = level32(p, q);
+    }
+}
+
+/// [`super::dc_level`] in 32-bit arithmetic, for quantisers up to 65535: a prediction beyond
+/// −1025..=1024 gives 0 or 255 whatever the quantiser (≥ 1; 0 gives 128 either way), so
+/// clamping it there first changes no result and keeps the product within 2^27.
+#[inline(always)]
+fn level32(p: i32, q: i32) -> u8 {
+    (((p.clamp(-1025, 1024) * q + 4) >> 3) + 128).clamp(0, 255) as u8
 }
 
 /// What a lane needs to know of the scan, per MCU slot (one block of one component, in
@@ -491,15 +523,20 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
     if !sub && hd.comps.iter().all(|c| c.h == 1 && c.v == 1) {
         // One block per component per MCU, one sample per block: sample (bx, by) of each
         // plane in turn.
+        // The predictions of a row first (a chain of adds), then their levels (no chain:
+        // vectorised).
         let q: Vec<i32> = hd.comps.iter().map(|c| c.quant[0]).collect();
         let n = q.len();
+        let mut preds = vec![0i32; mx];
         for (by, row) in dcs[..total].chunks_exact(mx * n).enumerate() {
             for (c, p) in planes.iter_mut().enumerate() {
-                let out = &mut p.data[by * p.stride..][..mx];
-                for (o, d) in out.iter_mut().zip(row[c..].iter().step_by(n)) {
-                    pred[c] = pred[c].wrapping_add(*d);
-                    *o = dc_level(pred[c], q[c]);
+                let mut s = pred[c];
+                for (a, d) in preds.iter_mut().zip(row[c..].iter().step_by(n)) {
+                    s = s.wrapping_add(*d);
+                    *a = s;
                 }
+                pred[c] = s;
+                levels(&preds, q[c], &mut p.data[by * p.stride..][..mx]);
             }
         }
         return Some(planes);
@@ -780,7 +817,7 @@ mod simd {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{decode_scan, unstuff, Header};
+    use super::super::{dc_level, decode_scan, unstuff, Header};
     use super::*;
 
     /// A photo-like JPEG (gradients, waves and grain) of `w`×`h` in `sampling` (None:
@@ -831,6 +868,21 @@ mod tests {
         let serial = decode_scan(&data, &starts, &hd).map(planes);
         let lanes = decode_with(&data, &hd).map(|(p, n)| (planes(p), n));
         Some((serial, lanes))
+    }
+
+    #[test]
+    fn levels_in_32_bits_are_dc_level() {
+        let qs = [0, 1, 2, 3, 7, 8, 16, 99, 255, 256, 1000, 32767, 65535];
+        let ps: Vec<i32> = (-5000..5000).chain([i32::MIN, i32::MIN + 1, -1_000_000, 1_000_000, i32::MAX - 1, i32::MAX]).collect();
+        for q in qs {
+            // The dispatched path (AVX2 where the CPU has it) and the plain one.
+            let (mut out, mut plain) = (vec![0u8; ps.len()], vec![0u8; ps.len()]);
+            levels(&ps, q, &mut out);
+            levels_plain(&ps, q, &mut plain);
+            for ((&p, &o), &o2) in ps.iter().zip(&out).zip(&plain) {
+                assert_eq!((o, o2), (dc_level(p, q), dc_level(p, q)), "prediction {p}, quantiser {q}");
+            }
+        }
     }
 
     #[test]
