@@ -391,17 +391,15 @@ impl Header {
                 };
             }
             let line = &mut out[y * ow * 3..(y + 1) * ow * 3];
-            let pixels = line
-                .chunks_exact_mut(3)
-                .zip(rows[0].iter().zip(rows[1]).zip(rows[2]));
             if self.rgb {
+                let pixels = line
+                    .chunks_exact_mut(3)
+                    .zip(rows[0].iter().zip(rows[1]).zip(rows[2]));
                 for (px, ((&r, &g), &b)) in pixels {
                     px.copy_from_slice(&[r, g, b]);
                 }
             } else {
-                for (px, ((&y, &cb), &cr)) in pixels {
-                    px.copy_from_slice(&ycbcr_to_rgb(y, cb, cr));
-                }
+                ycbcr_row(rows, line);
             }
         }
         DynamicImage::ImageRgb8(RgbImage::from_raw(ow as u32, oh as u32, out).expect("size"))
@@ -425,6 +423,31 @@ fn rgb_ids(comps: &[Component], jfif: bool, adobe: Option<u8>) -> Option<bool> {
 
 /// JFIF's YCbCr → RGB in libjpeg's 16-bit fixed point and rounding.
 #[inline(always)]
+/// [`ycbcr_to_rgb`] of a row: Y, Cb and Cr samples in, RGB pixels out.
+fn ycbcr_row(rows: [&[u8]; 3], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { ycbcr_row_avx2(rows, out) };
+        return;
+    }
+    ycbcr_row_plain(rows, out);
+}
+
+/// The same loop, compiled for AVX2 (which vectorises its arithmetic).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn ycbcr_row_avx2(rows: [&[u8]; 3], out: &mut [u8]) {
+    ycbcr_row_plain(rows, out)
+}
+
+#[inline(always)]
+fn ycbcr_row_plain([y, cb, cr]: [&[u8]; 3], out: &mut [u8]) {
+    for (px, ((&y, &cb), &cr)) in out.chunks_exact_mut(3).zip(y.iter().zip(cb).zip(cr)) {
+        px.copy_from_slice(&ycbcr_to_rgb(y, cb, cr));
+    }
+}
+
 fn ycbcr_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
     const HALF: i32 = 1 << 15;
     let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
@@ -1217,6 +1240,26 @@ impl Huffman {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ycbcr_rows_are_the_per_pixel_conversion() {
+        // Every Cb with Cr 0..=254 (a row of odd length) at a spread of Y, through the
+        // dispatched path (AVX2 where the CPU has it) and the plain one.
+        for y in [0u8, 1, 16, 77, 128, 200, 235, 254, 255] {
+            for cb in 0..=255u8 {
+                let cr: Vec<u8> = (0..=255u8).collect();
+                let (ys, cbs) = (vec![y; 256], vec![cb; 256]);
+                let n = 255; // odd
+                let (mut fast, mut plain) = (vec![0u8; 3 * n], vec![0u8; 3 * n]);
+                ycbcr_row([&ys[..n], &cbs[..n], &cr[..n]], &mut fast);
+                ycbcr_row_plain([&ys[..n], &cbs[..n], &cr[..n]], &mut plain);
+                for (i, &cr) in cr[..n].iter().enumerate() {
+                    let want = ycbcr_to_rgb(y, cb, cr);
+                    assert_eq!((&fast[3 * i..3 * i + 3], &plain[3 * i..3 * i + 3]), (&want[..], &want[..]), "{y} {cb} {cr}");
+                }
+            }
+        }
+    }
     use image::GenericImageView;
 
     /// A smooth colour image with grain, `width`×`height`.

@@ -128,10 +128,11 @@ pub fn speedup_over_f32(isa: Isa) -> Option<f64> {
     }
     let amx = isa >= Isa::Amx;
     // On one thread of a pool of its own: the kernels' ratio is a property of a core, and
-    // a race across all cores is at the mercy of every other process (with the CLI tests'
-    // processes side by side on 2 cores it measured 0.86×, and two processes of one
-    // library then chose different precisions). From outside a pool every call would pay
-    // thread wake-ups, a larger share of the short f32 call (3.5× once on a Zen 4).
+    // a race across all cores is at the mercy of every other process. (The 0.86× once seen
+    // under the CLI tests' load, when two processes of one library chose different
+    // precisions, was a debug build's race, which measures 0.85× here unloaded; auto no
+    // longer trusts that one: `clip::auto_takes_bf16`.) From outside a pool every call
+    // would pay thread wake-ups, a larger share of the short f32 call (3.5× once on a Zen 4).
     Some(*RACES[amx as usize].get_or_init(|| match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
         Ok(pool) => pool.install(|| race(isa)),
         Err(_) => crate::cpu::on_pool(|| race(isa)),
