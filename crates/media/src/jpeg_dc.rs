@@ -421,8 +421,6 @@ fn rgb_ids(comps: &[Component], jfif: bool, adobe: Option<u8>) -> Option<bool> {
     })
 }
 
-/// JFIF's YCbCr → RGB in libjpeg's 16-bit fixed point and rounding.
-#[inline(always)]
 /// [`ycbcr_to_rgb`] of a row: Y, Cb and Cr samples in, RGB pixels out.
 fn ycbcr_row(rows: [&[u8]; 3], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
@@ -448,6 +446,8 @@ fn ycbcr_row_plain([y, cb, cr]: [&[u8]; 3], out: &mut [u8]) {
     }
 }
 
+/// JFIF's YCbCr → RGB in libjpeg's 16-bit fixed point and rounding.
+#[inline(always)]
 fn ycbcr_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
     const HALF: i32 = 1 << 15;
     let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
