@@ -137,9 +137,9 @@ fn index_search_similar_embed_status() {
     std::fs::copy(&chelsea, &copy).unwrap();
     let sim = json(data.path(), &["--model", &m, "similar", copy.to_str().unwrap(), "-k", "1"]);
     assert!(sim[0]["path"].as_str().unwrap().ends_with("/chelsea.png"), "{sim}");
-    // The same pixels, the same precision in every process (auto no longer races in a
-    // debug build: its verdict there once split the indexing and this query between bf16
-    // and f32, whose embeddings of this photo agree only to 0.99989 on tiny-a).
+    // The same pixels, the same precision in every process (in a debug build auto no
+    // longer follows the race, whose verdict there once split the indexing and this query
+    // between bf16 and f32: their embeddings of this photo agree only to 0.99989 on tiny-a).
     assert!(sim[0]["score"].as_f64().unwrap() > 0.9999, "{sim}");
 
     let e = json(data.path(), &["--model", &m, "embed", "--text", "a cat"]);
