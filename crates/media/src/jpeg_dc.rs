@@ -424,7 +424,7 @@ fn rgb_ids(comps: &[Component], jfif: bool, adobe: Option<u8>) -> Option<bool> {
 /// [`ycbcr_to_rgb`] of a row: Y, Cb and Cr samples in, RGB pixels out.
 fn ycbcr_row(rows: [&[u8]; 3], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2") {
+    if avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         unsafe { ycbcr_row_avx2(rows, out) };
         return;
@@ -542,7 +542,7 @@ fn unstuff_with(b: &[u8], out: &mut Vec<u8>, copy: impl Fn(&[u8], usize, &mut Ve
 /// returns `j`.
 fn copy_run(b: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2") {
+    if avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { copy_run_avx2(b, i, out) };
     }
@@ -559,6 +559,12 @@ fn simd_cap() -> u8 {
         Ok("avx2") => 1,
         _ => 2,
     })
+}
+
+/// Whether the decoder's AVX2 paths run: the CPU has AVX2 and `MAGPIE_CPU_ISA` allows it.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// [`copy_run`] without SIMD: eight bytes at a time while none is 0xFF.

@@ -76,7 +76,7 @@ pub(super) fn applies(data: &[u8], hd: &Header) -> bool {
 /// [`super::dc_level`] of each prediction, `q` a quantiser (at most 65535, as a table holds).
 fn levels(preds: &[i32], q: i32, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if super::avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         unsafe { levels_avx2(preds, q, out) };
         return;
