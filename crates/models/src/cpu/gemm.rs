@@ -32,6 +32,8 @@ pub const NR: usize = 64;
 const MR: usize = 6;
 /// K values per block.
 const KC: usize = 256;
+/// Tasks of at most this many rows prefetch the next K block (see [`task`]).
+const PREFETCH_ROWS: usize = 16 * MR;
 
 /// 64 bytes, so that each panel starts on a cache line.
 #[derive(Clone, Copy)]
@@ -806,6 +808,13 @@ unsafe fn task<P: Panels>(
     // row tile (a token step) reuses nothing: it streams each panel whole instead, one
     // stream at a time (5% more of the memory's rate than in blocks of 256).
     let kc = if m1 - m0 <= MR && b.as_q8().is_none() { k } else { KC };
+    // A task of few rows (a batch-1 image, a text query) is bound by reading the weights
+    // from memory: its first row tile of each block also asks for the next block (the
+    // panel's next K rows, contiguous) into L2, so that memory works while the block's
+    // other tiles compute. A 2-core Intel Xeon: CLIP f32 at batch 1 19.3–19.9 → 21.3–21.9
+    // images/s (alternating runs), batch 16 (tasks of hundreds of rows, left alone) the
+    // same.
+    let prefetch_next = kc == KC && m1 - m0 <= PREFETCH_ROWS;
     let mut k0 = 0;
     while k0 < k {
         let kn = kc.min(k - k0);
@@ -821,7 +830,7 @@ unsafe fn task<P: Panels>(
                 let cp = c.add(i * ldc + j);
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => x86::tile512(rows, kn, ap, lda, bp, cp, ldc, cols, init),
+                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => x86::tile512(rows, kn, ap, lda, bp, cp, ldc, cols, init, if i == m0 && prefetch_next { kn } else { 0 }),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => {
                         for s in 0..NR / 16 {
@@ -1041,22 +1050,22 @@ pub(crate) mod x86 {
 
     /// A tile of up to 6 rows and `cols` columns: one kernel instance per row count and
     /// per number of 16-column vectors, so that a narrow last panel (a head width of 88
-    /// is 64 + 24) computes 2 vectors, not 4.
+    /// is 64 + 24) computes 2 vectors, not 4. `pf` as for [`kernel512`].
     ///
     /// # Safety
     /// AVX-512 F present; pointers as for [`kernel512`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile512<E: Elem>(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    pub(super) unsafe fn tile512<E: Elem>(rows: usize, kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init, pf: usize) {
         macro_rules! by_rows {
             ($nv:literal) => {
                 match rows {
-                    6 => kernel512::<E, 6, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    5 => kernel512::<E, 5, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    4 => kernel512::<E, 4, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    3 => kernel512::<E, 3, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    2 => kernel512::<E, 2, $nv>(kn, a, lda, b, c, ldc, cols, init),
-                    1 => kernel512::<E, 1, $nv>(kn, a, lda, b, c, ldc, cols, init),
+                    6 => kernel512::<E, 6, $nv>(kn, a, lda, b, c, ldc, cols, init, pf),
+                    5 => kernel512::<E, 5, $nv>(kn, a, lda, b, c, ldc, cols, init, pf),
+                    4 => kernel512::<E, 4, $nv>(kn, a, lda, b, c, ldc, cols, init, pf),
+                    3 => kernel512::<E, 3, $nv>(kn, a, lda, b, c, ldc, cols, init, pf),
+                    2 => kernel512::<E, 2, $nv>(kn, a, lda, b, c, ldc, cols, init, pf),
+                    1 => kernel512::<E, 1, $nv>(kn, a, lda, b, c, ldc, cols, init, pf),
                     _ => unreachable!("cpu::gemm: tile of {rows} rows"),
                 }
             };
@@ -1070,7 +1079,8 @@ pub(crate) mod x86 {
         }
     }
 
-    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..kn] · B[0..kn, 0..16·NV] (B rows 64 apart).
+    /// C[0..R, 0..cols] (= | +=) A[0..R, 0..kn] · B[0..kn, 0..16·NV] (B rows 64 apart);
+    /// with `pf` > 0, each step also prefetches into L2 the B row `pf` rows further on.
     ///
     /// # Safety
     /// AVX-512 F present; `a` has R rows of `kn` readable values `lda` apart; `b` `kn`
@@ -1079,7 +1089,7 @@ pub(crate) mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel512<E: Elem, const R: usize, const NV: usize>(kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init) {
+    unsafe fn kernel512<E: Elem, const R: usize, const NV: usize>(kn: usize, a: *const f32, lda: usize, b: *const E, c: *mut f32, ldc: usize, cols: usize, init: Init, pf: usize) {
         let (full, mask) = col_masks::<NV>(cols);
         let mut acc = init_tile::<R, NV>(init, c, ldc, full, &mask);
         let mut ap = [a; R];
@@ -1088,6 +1098,12 @@ pub(crate) mod x86 {
         }
         let mut bp = b;
         for p in 0..kn {
+            if pf > 0 {
+                for v in 0..NV {
+                    // A hint only: prefetching never faults, wherever it points.
+                    _mm_prefetch::<_MM_HINT_T1>(bp.wrapping_add(pf * NR + v * 16) as *const i8);
+                }
+            }
             let mut bv = [_mm512_setzero_ps(); NV];
             for (v, x) in bv.iter_mut().enumerate() {
                 *x = load512(bp.add(v * 16));
