@@ -811,9 +811,10 @@ unsafe fn task<P: Panels>(
     // A task of few rows (a batch-1 image, a text query) is bound by reading the weights
     // from memory: its first row tile of each block also asks for the next block (the
     // panel's next K rows, contiguous) into L2, so that memory works while the block's
-    // other tiles compute. A 2-core Intel Xeon: CLIP f32 at batch 1 19.3–19.9 → 21.3–21.9
-    // images/s (alternating runs), batch 16 (tasks of hundreds of rows, left alone) the
-    // same.
+    // other tiles compute. On a 2-core Intel Xeon (`magpie bench --precision f32`,
+    // alternating runs): CLIP at batch 1 19.6–20.3 → 21.8–22.5 images/s, an 8-token query
+    // 9.4–9.6 → 7.1–7.3 ms; at batch 16 (tasks of hundreds of rows, left alone: there the
+    // prefetch cost 10%) the same.
     let prefetch_next = kc == KC && m1 - m0 <= PREFETCH_ROWS;
     let mut k0 = 0;
     while k0 < k {
