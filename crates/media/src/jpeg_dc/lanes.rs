@@ -13,7 +13,7 @@
 //! them by a DC symbol or one or two AC symbols, without a branch. A DC step also takes
 //! the (up to two) AC symbols after the value whose codes lie inside its lookup, which
 //! often ends a block of little detail in one step: on the clip bench's 2 MB 4:4:4 files
-//! (about 30 bits a block) `decode_bytes` fell from 7.2 to 5.9–6.0 ms on a 2-core Intel
+//! (about 30 bits a block) `decode_bytes` fell from 7.2–7.4 to 6.0–6.3 ms on a 2-core Intel
 //! Xeon (with AMX; the Zen 5 figures below are from before). Each lane keeps the 64 bits
 //! of its stream from a byte on; when one of them has read past the first 32, all of
 //! them gather their next 64 (two gathers, once every two or three steps).
