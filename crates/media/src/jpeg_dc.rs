@@ -515,14 +515,10 @@ fn unstuff(b: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
     unstuff_with(b, out, copy_run)
 }
 
-/// Whether the AVX-512 VBMI2 unstuffing runs: the CPU has it and `MAGPIE_CPU_ISA` allows
-/// AVX-512.
+/// Whether the AVX-512 VBMI2 unstuffing runs: [`avx512`], and the CPU has VBMI2.
 #[cfg(target_arch = "x86_64")]
 fn vbmi2() -> bool {
-    simd_cap() >= 2
-        && std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vbmi2")
+    avx512() && std::arch::is_x86_feature_detected!("avx512vbmi2")
 }
 
 /// [`copy_run`] that also takes the stuffed zeros out on the way: 64 bytes a step, the
@@ -628,6 +624,13 @@ fn simd_cap() -> u8 {
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
     simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Whether the decoder's AVX-512 paths run (the lanes, and with VBMI2 the unstuffing): the
+/// CPU has AVX-512 F and BW and `MAGPIE_CPU_ISA` allows them.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    simd_cap() >= 2 && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// [`copy_run`] without SIMD: eight bytes at a time while none is 0xFF.

@@ -601,7 +601,7 @@ mod simd {
     pub(super) fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            super::super::simd_cap() >= 2 && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+            super::super::avx512()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
