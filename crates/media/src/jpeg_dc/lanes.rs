@@ -552,20 +552,35 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
     if !sub && hd.comps.iter().all(|c| c.h == 1 && c.v == 1) {
         // One block per component per MCU, one sample per block: sample (bx, by) of each
         // plane in turn.
-        // The predictions of a row first (a chain of adds), then their levels (no chain:
-        // vectorised).
+        // The predictions of a row first (a chain of adds per component; three components
+        // in one pass, whose chains overlap), then their levels (no chain: vectorised).
         let q: Vec<i32> = hd.comps.iter().map(|c| c.quant[0]).collect();
         let n = q.len();
-        let mut preds = vec![0i32; mx];
+        let mut preds = vec![0i32; mx * n];
         for (by, row) in dcs[..total].chunks_exact(mx * n).enumerate() {
-            for (c, p) in planes.iter_mut().enumerate() {
-                let mut s = pred[c];
-                for (a, d) in preds.iter_mut().zip(row[c..].iter().step_by(n)) {
-                    s = s.wrapping_add(*d);
-                    *a = s;
+            if n == 3 {
+                let (p0, rest) = preds.split_at_mut(mx);
+                let (p1, p2) = rest.split_at_mut(mx);
+                let [mut s0, mut s1, mut s2] = pred;
+                for (((d, a0), a1), a2) in row.chunks_exact(3).zip(p0.iter_mut()).zip(p1.iter_mut()).zip(p2.iter_mut()) {
+                    s0 = s0.wrapping_add(d[0]);
+                    s1 = s1.wrapping_add(d[1]);
+                    s2 = s2.wrapping_add(d[2]);
+                    (*a0, *a1, *a2) = (s0, s1, s2);
                 }
-                pred[c] = s;
-                levels(&preds, q[c], &mut p.data[by * p.stride..][..mx]);
+                pred = [s0, s1, s2];
+            } else {
+                for (c, out) in preds.chunks_exact_mut(mx).enumerate() {
+                    let mut s = pred[c];
+                    for (a, d) in out.iter_mut().zip(row[c..].iter().step_by(n)) {
+                        s = s.wrapping_add(*d);
+                        *a = s;
+                    }
+                    pred[c] = s;
+                }
+            }
+            for ((p, out), &q) in planes.iter_mut().zip(preds.chunks_exact(mx)).zip(&q) {
+                levels(out, q, &mut p.data[by * p.stride..][..mx]);
             }
         }
         return Some(planes);
