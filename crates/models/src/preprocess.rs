@@ -730,6 +730,40 @@ mod tests {
         }
     }
 
+    /// Without a resize the crop is taken from the image itself, padded where it is
+    /// larger; without rescaling and normalising the samples come out as they are.
+    #[test]
+    fn cropping_without_resizing_pads_and_keeps_samples() {
+        let img = noise(10, 21);
+        for (normalize, rescale) in [(true, true), (false, false), (false, true)] {
+            let c = ProcessorConfig {
+                do_resize: false,
+                crop_size: SizeSpec::Exact { height: 15, width: 16 },
+                do_normalize: normalize,
+                do_rescale: rescale,
+                ..ProcessorConfig::default()
+            };
+            let got = c.preprocess(&DynamicImage::ImageRgb8(img.clone())).unwrap();
+            let (top, left) = ((21 - 15) / 2, (10i64 - 16).div_euclid(2));
+            for y in 0..15i64 {
+                for x in 0..16i64 {
+                    let (sy, sx) = (y + top, x + left);
+                    let px = if (0..10).contains(&sx) { img.get_pixel(sx as u32, sy as u32).0 } else { [0; 3] };
+                    for ch in 0..3 {
+                        let mut v = px[ch] as f32;
+                        if rescale {
+                            v *= c.rescale_factor as f32;
+                        }
+                        if normalize {
+                            v = (v - c.image_mean[ch]) / c.image_std[ch];
+                        }
+                        assert_eq!(got.data[ch * 240 + (y * 16 + x) as usize], v, "({x}, {y}) channel {ch}, {normalize} {rescale}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The `decode_preprocess` fuzz target's `regress_strip_4000000x1.png` (a 12 KB PNG,
     /// 4000000×1): its shortest edge resized to 72 made the whole strip, 288000000×72,
     /// be computed before the 64×64 centre crop, and the process abort allocating 4.6 GB
