@@ -18,12 +18,14 @@
 //! of its stream from a byte on; when one of them has read past the first 32, all of
 //! them gather their next 64 (two gathers, once every two or three steps).
 //!
-//! Each lane records every block start it passes (bit position and MCU slot) with the
-//! block's DC difference. Then, lane by lane, the decoding known to be true runs on past
-//! the next lane's start until it reaches a block start that lane also recorded in an
-//! equivalent slot: from there the two are the same decoding, and the next lane's records
-//! are spliced on. A lane that never meets the true decoding (or dies on a code no table
-//! holds) is dropped and the true decoding simply continues through its bits.
+//! Each lane records every block's DC difference, and the start (bit position and MCU
+//! slot) of its first [`KEEP_POSITIONS`] blocks (of every block where 4:2:0 or 4:2:2
+//! chroma is decoded again, below). Then, lane by lane, the decoding known to be true runs
+//! on past the next lane's start until it reaches a block start that lane also recorded
+//! in an equivalent slot: from there the two are the same decoding, and the next lane's
+//! records are spliced on. A lane that does not meet the true decoding within those
+//! blocks (or dies on a code no table holds) is dropped and the true decoding simply
+//! continues through its bits.
 //!
 //! The lanes skip every block's AC coefficients. Components whose samples are finer than
 //! their blocks (4:2:0 chroma) need those coefficients' values: their blocks are decoded
@@ -60,6 +62,13 @@ const KEEP_RECORDS: usize = 2 << 20;
 
 /// Vector steps between checks of the records' room.
 const CHUNK: usize = 64;
+
+/// Block starts (bit positions) a lane's vector steps record, unless every block's start
+/// is needed (components with sub-block samples are decoded again from theirs): the
+/// true decoding meets a lane within its first few blocks, and a lane not met within
+/// these is dropped as one that never meets it. Past them only DC differences are
+/// written, one scatter a step instead of two.
+const KEEP_POSITIONS: usize = 256;
 
 /// Low bits of a record that hold its slot (a frame's sampling factors allow up to 48
 /// blocks per MCU; the vector path takes at most 8).
@@ -128,6 +137,9 @@ struct Scan<'a> {
     ac_huff: Vec<&'a Huffman>,
     /// Blocks per MCU.
     bpm: usize,
+    /// Records of a lane's vector steps that hold their block start ([`KEEP_POSITIONS`],
+    /// or all where components have sub-block samples).
+    positions: usize,
     /// `same[a * bpm + b]`: decoding from slot `a` and from slot `b` is the same forever
     /// (the same tables, slot after slot), so a lane that meets the true decoding at a
     /// block start under the other label has met it all the same (as with one table set
@@ -193,6 +205,7 @@ impl<'a> Scan<'a> {
                 (0..bpm).all(|t| keys[(a + t) % bpm] == keys[(b + t) % bpm])
             })
             .collect();
+        let positions = if hd.comps.iter().any(Component::sub_blocks) { usize::MAX } else { KEEP_POSITIONS };
         Scan {
             data,
             end_bits: (data.len() - 8) * 8,
@@ -201,6 +214,7 @@ impl<'a> Scan<'a> {
             dc_huff,
             ac_huff,
             bpm,
+            positions,
             same,
         }
     }
@@ -362,12 +376,16 @@ fn slow(scan: &Scan, buf: u64, slot: usize, is_dc: bool) -> Option<(u32, u32, i3
 
 /// A lane: its state after the vector steps, and its records: their block starts, and
 /// the DC differences of those past the vector steps' `nv` (whose own stay in their
-/// region, read from there by [`assemble`]).
+/// region, read from there by [`assemble`]). Of the vector steps' records only the first
+/// `known` hold their block start; the others (where [`Scan::positions`] is less than
+/// `nv`) hold the last known one in its place: they all lie before the lane's stop,
+/// where no other lane's blocks start, and later records (scalar steps) hold theirs.
 #[derive(Default)]
 struct Lane {
     hot: Hot,
     at: Vec<u32>,
     nv: usize,
+    known: usize,
     dc: Vec<i32>,
 }
 
@@ -406,7 +424,17 @@ pub(super) fn decode(data: &[u8], hd: &Header) -> Option<Vec<Plane>> {
 /// [`decode`], also saying how many lanes were spliced on (the others were dropped and
 /// decoded through by the lane before them).
 pub(super) fn decode_with(data: &[u8], hd: &Header) -> Option<(Vec<Plane>, usize)> {
-    let scan = Scan::new(data, hd);
+    decode_keeping(data, hd, None)
+}
+
+/// [`decode_with`], with `positions` (where given, and where not every block start is
+/// needed) in place of [`KEEP_POSITIONS`]: fewer make lanes miss the true decoding
+/// within them (for the tests).
+fn decode_keeping(data: &[u8], hd: &Header, positions: Option<usize>) -> Option<(Vec<Plane>, usize)> {
+    let mut scan = Scan::new(data, hd);
+    if let (Some(p), KEEP_POSITIONS) = (positions, scan.positions) {
+        scan.positions = p.max(1);
+    }
     BUFFERS.with_borrow_mut(|(lanes, at, dc, spliced_recs)| {
         lanes.resize_with(L, Lane::default);
         let len = data.len() - 8;
@@ -421,8 +449,11 @@ pub(super) fn decode_with(data: &[u8], hd: &Header) -> Option<(Vec<Plane>, usize
         simd::run(&scan, &mut hot, &stops, at, dc, &mut cap, &mut n);
         for (l, (lane, h)) in lanes.iter_mut().zip(hot).enumerate() {
             lane.hot = h;
+            lane.known = n[l].min(scan.positions);
             lane.at.clear();
-            lane.at.extend_from_slice(&at[l * cap..][..n[l]]);
+            lane.at.extend_from_slice(&at[l * cap..][..lane.known]);
+            let last = lane.at.last().copied().unwrap_or(0);
+            lane.at.resize(n[l], last);
             lane.nv = n[l];
             lane.dc.clear();
         }
@@ -455,8 +486,14 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
         if have + a.at.len() - from > total {
             break; // the true decoding already holds every block and the end
         }
-        let Some(&last) = b.at.last() else { continue };
-        let (first, last) = (pos(b.at[0]), pos(last));
+        // Only b's first records hold their block starts: the true decoding must meet it
+        // among those (b has taken no scalar steps yet, so all of its records are the
+        // vector steps').
+        let bk = b.known;
+        if bk == 0 {
+            continue;
+        }
+        let (first, last) = (pos(b.at[0]), pos(b.at[bk - 1]));
         let mut i = from + a.at[from..].partition_point(|&x| pos(x) < first);
         let mut j = 0;
         let met = loop {
@@ -464,10 +501,10 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
                 a.next_block(scan);
             }
             let Some(&x) = a.at.get(i) else { break None };
-            while j < b.at.len() && pos(b.at[j]) < pos(x) {
+            while j < bk && pos(b.at[j]) < pos(x) {
                 j += 1;
             }
-            let Some(&y) = b.at.get(j) else { break None };
+            let Some(&y) = b.at[..bk].get(j) else { break None };
             if pos(y) == pos(x) && scan.same[(x & SLOT_MASK) as usize * scan.bpm + (y & SLOT_MASK) as usize] {
                 break Some((i, j));
             }
@@ -818,9 +855,14 @@ mod simd {
                 let neg = _mm512_cmplt_epi32_mask(v, _mm512_srli_epi32::<1>(top));
                 let v = _mm512_mask_add_epi32(v, neg, v, _mm512_sub_epi32(_mm512_set1_epi32(1), top));
                 let to = _mm512_add_epi32(r.region, r.n);
-                // SAFETY: lane l writes record n[l] < cap of its region l·cap.. (`run`
-                // keeps a chunk's room, one record a step).
-                _mm512_mask_i32scatter_epi32::<4>(at.as_mut_ptr() as *mut i32, is_dc, to, _mm512_or_si512(_mm512_slli_epi32::<SLOT_BITS>(r.bp), r.slot));
+                // The block start only in a lane's first `positions` records.
+                let keep = _mm512_set1_epi32(scan.positions.min(u32::MAX as usize) as u32 as i32);
+                let with_pos = _mm512_mask_cmplt_epu32_mask(is_dc, r.n, keep);
+                // SAFETY (both scatters): lane l writes record n[l] < cap of its region
+                // l·cap.. (`run` keeps a chunk's room, one record a step).
+                if with_pos != 0 {
+                    _mm512_mask_i32scatter_epi32::<4>(at.as_mut_ptr() as *mut i32, with_pos, to, _mm512_or_si512(_mm512_slli_epi32::<SLOT_BITS>(r.bp), r.slot));
+                }
                 _mm512_mask_i32scatter_epi32::<4>(dc.as_mut_ptr() as *mut i32, is_dc, to, v);
                 r.n = _mm512_mask_add_epi32(r.n, is_dc, r.n, _mm512_set1_epi32(1));
             }
@@ -902,6 +944,11 @@ mod tests {
     /// The serial decoder's planes and the lanes' (with how many lanes were spliced on),
     /// `None` for either where it refuses; `None` overall where the lanes do not apply.
     fn both(bytes: &[u8]) -> Option<(Option<Vec<Vec<u8>>>, Option<(Vec<Vec<u8>>, usize)>)> {
+        both_keeping(bytes, None)
+    }
+
+    /// [`both`], the lanes keeping `positions` block starts (see [`decode_keeping`]).
+    fn both_keeping(bytes: &[u8], positions: Option<usize>) -> Option<(Option<Vec<Vec<u8>>>, Option<(Vec<Vec<u8>>, usize)>)> {
         let hd = Header::parse(bytes)?;
         let mut data = Vec::new();
         let starts = unstuff(&bytes[hd.scan_start..], &mut data);
@@ -910,8 +957,38 @@ mod tests {
         }
         let planes = |p: Vec<Plane>| p.into_iter().map(|p| p.data).collect::<Vec<_>>();
         let serial = decode_scan(&data, &starts, &hd).map(planes);
-        let lanes = decode_with(&data, &hd).map(|(p, n)| (planes(p), n));
+        let lanes = decode_keeping(&data, &hd, positions).map(|(p, n)| (planes(p), n));
         Some((serial, lanes))
+    }
+
+    /// Lanes that keep only their first one or few block starts: those whose first blocks
+    /// are not where the true decoding meets them are dropped, and the true decoding goes
+    /// on through their bits; the planes are still the serial decoder's, and on 4:2:0
+    /// (whose chroma needs every block start) nothing changes.
+    #[test]
+    fn lanes_keeping_few_block_starts_give_the_same_planes() {
+        use jpeg_encoder::SamplingFactor as S;
+        for (s, seed) in [(Some(S::R_4_4_4), 1), (None, 4), (Some(S::R_4_4_4), 0), (Some(S::R_4_2_0), 2)] {
+            let bytes = jpeg(1600, 1200, s, seed);
+            let Some((serial, all)) = both(&bytes) else { continue };
+            let serial = serial.expect("a valid JPEG");
+            let (planes, spliced_all) = all.expect("lanes decode it");
+            assert!(planes == serial, "{s:?}");
+            let mut fewest = spliced_all;
+            for keep in [1, 2, 3, 8] {
+                let (planes, spliced) = both_keeping(&bytes, Some(keep)).unwrap().1.expect("lanes decode it");
+                assert!(planes == serial, "{s:?}, keeping {keep}");
+                fewest = fewest.min(spliced);
+                if s == Some(S::R_4_2_0) {
+                    assert_eq!(spliced, spliced_all, "4:2:0 keeps every block start");
+                }
+            }
+            if s != Some(S::R_4_2_0) {
+                assert!(fewest < spliced_all, "{s:?}: keeping one block start dropped no lane ({spliced_all} spliced on)");
+            }
+        }
+        // And on corrupt scans.
+        corrupt_scans_keeping(&jpeg(1600, 1200, Some(S::R_4_4_4), 5), Some(2));
     }
 
     #[test]
@@ -976,6 +1053,10 @@ mod tests {
     }
 
     fn corrupt_scans(bytes: &[u8]) {
+        corrupt_scans_keeping(bytes, None)
+    }
+
+    fn corrupt_scans_keeping(bytes: &[u8], positions: Option<usize>) {
         let Some(hd) = Header::parse(bytes) else { panic!("valid") };
         let scan = hd.scan_start;
         let mut state = 0x2545_F491u32;
@@ -995,7 +1076,7 @@ mod tests {
                 b.truncate(scan + (b.len() - scan) * (round - 8) / 4);
                 b.extend_from_slice(&[0xFF, 0xD9]);
             }
-            let Some((serial, lanes)) = both(&b) else { continue };
+            let Some((serial, lanes)) = both_keeping(&b, positions) else { continue };
             assert_eq!(lanes.as_ref().map(|l| &l.0), serial.as_ref(), "round {round}");
             if serial.is_some() {
                 decoded += 1;
