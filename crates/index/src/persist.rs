@@ -292,14 +292,14 @@ impl<'a> Cursor<'a> {
         Some(head)
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        self.take(8).map(|b| u64::from_le_bytes(b.try_into().expect("take(8) gives 8 bytes")))
     }
     fn len(&mut self, each: usize) -> Option<usize> {
         let n = usize::try_from(self.u64()?).ok()?;
         (n.checked_mul(each)? <= self.0.len()).then_some(n)
     }
     fn ids(&mut self, n: usize) -> Option<Vec<ImageId>> {
-        Some(self.take(n * 8)?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect())
+        Some(self.take(n * 8)?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8 bytes"))).collect())
     }
 }
 
@@ -311,7 +311,7 @@ fn read_exact_file(bytes: &[u8], dim: usize) -> Option<ExactIndex> {
     let n = c.len(8 + 4 * dim)?;
     let ids = c.ids(n)?;
     let vectors: Vec<f32> =
-        c.take(n * dim * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        c.take(n * dim * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"))).collect();
     let unique = ids.iter().collect::<std::collections::HashSet<_>>().len() == n;
     (c.0.is_empty() && unique).then(|| ExactIndex::from_parts(dim, ids, vectors))
 }

@@ -192,23 +192,23 @@ impl ProcessorConfig {
             if self.do_normalize { (v - self.image_mean[c]) / self.image_std[c] } else { v }
         };
         let plane = (ch * cw) as usize;
-        // Each plane starts as the value of a zero pixel (the padding, where the crop is
-        // larger than the image); the window's pixels are then written over their part,
-        // row by row, with no bounds to check per pixel.
+        // A sample has 256 possible values per channel: their results are looked up (the
+        // same arithmetic, done once per value instead of once per pixel). Each plane
+        // starts as the value of a zero pixel (the padding, where the crop is larger than
+        // the image); the window's pixels are then written over their part, row by row,
+        // with no bounds to check per pixel.
+        let lut: Vec<[f32; 256]> = (0..3).map(|c| std::array::from_fn(|v| value(c, v as u8))).collect();
         let mut data = vec![0f32; 3 * plane];
-        for (c, dst) in data.chunks_exact_mut(plane).enumerate() {
-            dst.fill(value(c, 0));
+        for (dst, l) in data.chunks_exact_mut(plane).zip(&lut) {
+            dst.fill(l[0]);
         }
         let (x0, y0) = ((xs.start as i64 - left) as usize, (ys.start as i64 - top) as usize);
-        // A sample has 256 possible values per channel: their results are looked up (the
-        // same arithmetic, done once per value instead of once per pixel).
-        let lut: Vec<[f32; 256]> = (0..3).map(|c| std::array::from_fn(|v| value(c, v as u8))).collect();
         let (d0, rest) = data.split_at_mut(plane);
         let (d1, d2) = rest.split_at_mut(plane);
-        if !xs.is_empty() {
-            for (wy, src) in window.as_raw().chunks_exact(xs.len() * 3).enumerate() {
+        let n = xs.len();
+        if n > 0 {
+            for (wy, src) in window.as_raw().chunks_exact(n * 3).enumerate() {
                 let o = (y0 + wy) * cw as usize + x0;
-                let n = xs.len();
                 for (((px, a), b), c) in src.chunks_exact(3).zip(&mut d0[o..o + n]).zip(&mut d1[o..o + n]).zip(&mut d2[o..o + n]) {
                     (*a, *b, *c) = (lut[0][px[0] as usize], lut[1][px[1] as usize], lut[2][px[2] as usize]);
                 }

@@ -377,16 +377,23 @@ fn slow(scan: &Scan, buf: u64, slot: usize, is_dc: bool) -> Option<(u32, u32, i3
 /// A lane: its state after the vector steps, and its records: their block starts, and
 /// the DC differences of those past the vector steps' `nv` (whose own stay in their
 /// region, read from there by [`assemble`]). Of the vector steps' records only the first
-/// `known` hold their block start; the others (where [`Scan::positions`] is less than
-/// `nv`) hold the last known one in its place: they all lie before the lane's stop,
-/// where no other lane's blocks start, and later records (scalar steps) hold theirs.
+/// [`Lane::known`] hold their block start; the others hold the last known one in its
+/// place: they all lie before the lane's stop, where no other lane's blocks start, and
+/// later records (scalar steps) hold theirs.
 #[derive(Default)]
 struct Lane {
     hot: Hot,
     at: Vec<u32>,
     nv: usize,
-    known: usize,
     dc: Vec<i32>,
+}
+
+impl Lane {
+    /// Records from the start that hold their block start (where [`Scan::positions`] is
+    /// less than the vector steps' `nv`, fewer than those).
+    fn known(&self, scan: &Scan) -> usize {
+        self.nv.min(scan.positions)
+    }
 }
 
 impl Lane {
@@ -449,12 +456,11 @@ fn decode_keeping(data: &[u8], hd: &Header, positions: Option<usize>) -> Option<
         simd::run(&scan, &mut hot, &stops, at, dc, &mut cap, &mut n);
         for (l, (lane, h)) in lanes.iter_mut().zip(hot).enumerate() {
             lane.hot = h;
-            lane.known = n[l].min(scan.positions);
+            lane.nv = n[l];
             lane.at.clear();
-            lane.at.extend_from_slice(&at[l * cap..][..lane.known]);
+            lane.at.extend_from_slice(&at[l * cap..][..lane.known(&scan)]);
             let last = lane.at.last().copied().unwrap_or(0);
             lane.at.resize(n[l], last);
-            lane.nv = n[l];
             lane.dc.clear();
         }
         let planes = splice(&scan, lanes, hd).and_then(|(runs, spliced)| Some((assemble(&scan, lanes, &runs, hd, (dc, cap), spliced_recs)?, spliced)));
@@ -489,7 +495,7 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
         // Only b's first records hold their block starts: the true decoding must meet it
         // among those (b has taken no scalar steps yet, so all of its records are the
         // vector steps').
-        let bk = b.known;
+        let bk = b.known(scan);
         if bk == 0 {
             continue;
         }
@@ -589,31 +595,16 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
     if !sub && hd.comps.iter().all(|c| c.h == 1 && c.v == 1) {
         // One block per component per MCU, one sample per block: sample (bx, by) of each
         // plane in turn.
-        // The predictions of a row first (a chain of adds per component; three components
-        // in one pass, whose chains overlap), then their levels (no chain: vectorised).
+        // The predictions of a row first (a chain of adds per component, all components in
+        // one pass, whose chains overlap), then their levels (no chain: vectorised).
         let q: Vec<i32> = hd.comps.iter().map(|c| c.quant[0]).collect();
         let n = q.len();
         let mut preds = vec![0i32; mx * n];
         for (by, row) in dcs[..total].chunks_exact(mx * n).enumerate() {
-            if n == 3 {
-                let (p0, rest) = preds.split_at_mut(mx);
-                let (p1, p2) = rest.split_at_mut(mx);
-                let [mut s0, mut s1, mut s2] = pred;
-                for (((d, a0), a1), a2) in row.chunks_exact(3).zip(p0.iter_mut()).zip(p1.iter_mut()).zip(p2.iter_mut()) {
-                    s0 = s0.wrapping_add(d[0]);
-                    s1 = s1.wrapping_add(d[1]);
-                    s2 = s2.wrapping_add(d[2]);
-                    (*a0, *a1, *a2) = (s0, s1, s2);
-                }
-                pred = [s0, s1, s2];
-            } else {
-                for (c, out) in preds.chunks_exact_mut(mx).enumerate() {
-                    let mut s = pred[c];
-                    for (a, d) in out.iter_mut().zip(row[c..].iter().step_by(n)) {
-                        s = s.wrapping_add(*d);
-                        *a = s;
-                    }
-                    pred[c] = s;
+            for (x, mcu) in row.chunks_exact(n).enumerate() {
+                for (c, &d) in mcu.iter().enumerate() {
+                    pred[c] = pred[c].wrapping_add(d);
+                    preds[c * mx + x] = pred[c];
                 }
             }
             for ((p, out), &q) in planes.iter_mut().zip(preds.chunks_exact(mx)).zip(&q) {
@@ -722,6 +713,7 @@ mod simd {
         pub(super) unsafe fn run(scan: &Scan, hot: &mut [Hot; L], stops: &[usize; L], at: &mut Vec<u32>, dc: &mut Vec<u32>, cap: &mut usize, n: &mut [usize; L]) {
             let bases = load(lanes16(|i| scan.base.get(i).copied().unwrap_or(0)));
             let bpm = _mm512_set1_epi32(scan.bpm as i32);
+            let keep = _mm512_set1_epi32(scan.positions.min(u32::MAX as usize) as u32 as i32);
             // Kept from earlier images, not cleared: only records written are read.
             if at.len() < L * *cap {
                 at.resize(L * *cap, 0);
@@ -769,7 +761,7 @@ mod simd {
                 let mut any = false;
                 for _ in 0..CHUNK {
                     for r in regs.iter_mut() {
-                        any |= step(scan, r, hot, bases, bpm, *cap, at, dc);
+                        any |= step(scan, r, hot, (bases, bpm, keep), *cap, at, dc);
                     }
                 }
                 if !any {
@@ -789,7 +781,9 @@ mod simd {
         /// One step of sixteen lanes (those short of their stops); false when none is.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn step(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], bases: __m512i, bpm: __m512i, cap: usize, at: &mut [u32], dc: &mut [u32]) -> bool {
+        /// `(bases, bpm, keep)`: each slot's table bases, blocks per MCU, and
+        /// [`Scan::positions`], broadcast.
+        unsafe fn step(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], (bases, bpm, keep): (__m512i, __m512i, __m512i), cap: usize, at: &mut [u32], dc: &mut [u32]) -> bool {
             let live = _mm512_cmplt_epu32_mask(r.bp, r.stop);
             if live == 0 {
                 return false;
@@ -856,7 +850,6 @@ mod simd {
                 let v = _mm512_mask_add_epi32(v, neg, v, _mm512_sub_epi32(_mm512_set1_epi32(1), top));
                 let to = _mm512_add_epi32(r.region, r.n);
                 // The block start only in a lane's first `positions` records.
-                let keep = _mm512_set1_epi32(scan.positions.min(u32::MAX as usize) as u32 as i32);
                 let with_pos = _mm512_mask_cmplt_epu32_mask(is_dc, r.n, keep);
                 // SAFETY (both scatters): lane l writes record n[l] < cap of its region
                 // l·cap.. (`run` keeps a chunk's room, one record a step).
