@@ -16,7 +16,8 @@
 //! (about 30 bits a block) `decode_bytes` fell from 7.2–7.4 to 6.0–6.3 ms on a 2-core Intel
 //! Xeon (with AMX; the Zen 5 figures below are from before). Each lane keeps the 64 bits
 //! of its stream from a byte on; when one of them has read past the first 32, all of
-//! them gather their next 64 (two gathers, once every two or three steps).
+//! them gather their next 64 (two gathers of eight 64-bit words, once every two or three
+//! steps).
 //!
 //! Each lane records every block's DC difference, and the start (bit position and MCU
 //! slot) of its first [`KEEP_POSITIONS`] blocks (of every block where 4:2:0 or 4:2:2
@@ -36,11 +37,16 @@
 //! On a 2-core Zen 5 (fastest of alternating runs; whole `decode_bytes` at CLIP's scale),
 //! a 12 MP JPEG took 5.3 ms in lanes against 12.2 serially (2 MB, 4:4:4, an upscaled
 //! photo with grain), 10.4 against 12.9 (2.9 MB, 4:2:0) and 12.3 against 14.4 (3.1 MB,
-//! 4:2:2). In a sampled profile of the steps the gather of the table entries takes about a
-//! fifth of the time and the two scatters of the block records a quarter; neither more
-//! lanes (48, 64: the steps are bound by the gathers and scatters, not their latency), nor
-//! one scatter for both registers' records, nor plain stores of the packed records, nor one
-//! log of all lanes' records sorted out afterwards made them faster.
+//! 4:2:2). In a sampled profile of the steps the gather of the table entries took about a
+//! fifth of the time and the two scatters of the block records a quarter; more lanes (48,
+//! 64: the steps are bound by the gathers and scatters, not their latency), one scatter
+//! for both registers' records and one log of all lanes' records sorted out afterwards
+//! made them no faster. The records now wait in registers, four a lane, and go out as one
+//! 16-byte store per lane (a 4 × 4 transpose): on a 2-core Zen 4, where a scatter of
+//! sixteen costs about as much as a gather, `decode_bytes` over the clip bench's 4:4:4
+//! files took 6.4–6.6 ms a file instead of 6.7–7.4, a grainy 4 MB 4:4:4 photo 11.0–11.4
+//! instead of 11.7–12.9, a 3.5 MB 4:2:0 one 13.4–13.9 instead of 14.2–14.5 (four
+//! alternating runs; together with the refill's 64-bit gathers).
 
 use super::{
     ac_step, coefficient, put_block, sample_weights, BitReader, Component, Header, Huffman,
@@ -67,7 +73,7 @@ const CHUNK: usize = 64;
 /// is needed (components with sub-block samples are decoded again from theirs): the
 /// true decoding meets a lane within its first few blocks, and a lane not met within
 /// these is dropped as one that never meets it. Past them only DC differences are
-/// written, one scatter a step instead of two.
+/// written.
 const KEEP_POSITIONS: usize = 256;
 
 /// Low bits of a record that hold its slot (a frame's sampling factors allow up to 48
@@ -686,7 +692,20 @@ mod simd {
             wb: __m512i,
             hi: __m512i,
             lo: __m512i,
+            /// Records not yet written: lane i's j-th DC difference in element i of
+            /// `dc[j]` and its block start in `at[j]` (where one is kept), `pending` of
+            /// them; `at_pending` whether any of them has its start. [`flush`] writes
+            /// them once a lane has [`FLUSH`], at the end of each chunk of steps, and
+            /// before scalar steps (which write theirs directly).
+            dc: [__m512i; FLUSH],
+            at: [__m512i; FLUSH],
+            pending: __m512i,
+            at_pending: bool,
         }
+
+        /// Records a lane holds in registers before they are written (a lane adds at most
+        /// one a step, so a flush as soon as one lane has this many leaves room for all).
+        const FLUSH: usize = 4;
 
         /// The big-endian word at byte `i` of `data` (0 past its end).
         fn word(data: &[u8], i: usize) -> u32 {
@@ -730,12 +749,17 @@ mod simd {
                     wb: load(lanes16(|i| (hot[g * 16 + i].bp / 8) as u32)),
                     hi: load(lanes16(|i| word(scan.data, hot[g * 16 + i].bp / 8))),
                     lo: load(lanes16(|i| word(scan.data, hot[g * 16 + i].bp / 8 + 4))),
+                    dc: [_mm512_setzero_si512(); FLUSH],
+                    at: [_mm512_setzero_si512(); FLUSH],
+                    pending: _mm512_setzero_si512(),
+                    at_pending: false,
                 })
                 .collect();
             loop {
                 // Room for a chunk more records in every region, or regions twice as big.
                 let most = regs.iter().map(|r| store(r.n).into_iter().max().unwrap_or(0)).max().unwrap_or(0) as usize;
-                if most + CHUNK + 1 > *cap {
+                // (A flush writes all FLUSH slots of each lane, counted or not.)
+                if most + CHUNK + FLUSH + 1 > *cap {
                     let new = *cap * 2;
                     let (mut a2, mut d2) = (vec![0u32; L * new], vec![0u32; L * new]);
                     for l in 0..L {
@@ -763,6 +787,9 @@ mod simd {
                     for r in regs.iter_mut() {
                         any |= step(scan, r, hot, (bases, bpm, keep), *cap, at, dc);
                     }
+                }
+                for r in regs.iter_mut() {
+                    flush(r, at, dc);
                 }
                 if !any {
                     break;
@@ -800,11 +827,19 @@ mod simd {
                 let byte = _mm512_srli_epi32::<3>(r.bp);
                 // SAFETY (both gathers): a live lane's bp < stop ≤ 8·(data.len() − 8), so
                 // its 8 bytes from bp/8 lie inside `data`; other lanes read nothing.
-                let hi = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), refill, byte, data);
-                let lo = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), refill, _mm512_add_epi32(byte, _mm512_set1_epi32(4)), data);
-                let swap = _mm512_set4_epi32(0x0c0d0e0f, 0x08090a0b, 0x04050607, 0x00010203);
-                r.hi = _mm512_mask_mov_epi32(r.hi, refill, _mm512_shuffle_epi8(hi, swap));
-                r.lo = _mm512_mask_mov_epi32(r.lo, refill, _mm512_shuffle_epi8(lo, swap));
+                // Eight bytes a lane in two gathers of eight 64-bit words (cheaper than two
+                // of sixteen 32-bit ones), byte-swapped to big-endian words, whose high
+                // and low halves are then dealt into `hi` and `lo`.
+                let data64 = data as *const i64;
+                let w0 = _mm512_mask_i32gather_epi64::<1>(_mm512_setzero_si512(), refill as u8, _mm512_castsi512_si256(byte), data64);
+                let w1 = _mm512_mask_i32gather_epi64::<1>(_mm512_setzero_si512(), (refill >> 8) as u8, _mm512_extracti64x4_epi64::<1>(byte), data64);
+                let swap = _mm512_set4_epi32(0x08090a0b, 0x0c0d0e0f, 0x00010203, 0x04050607);
+                let (w0, w1) = (_mm512_shuffle_epi8(w0, swap), _mm512_shuffle_epi8(w1, swap));
+                // Word i of w0 (lanes 0–7) or w1 (8–15): high half at dword 2i+1, low at 2i.
+                let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+                let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                r.hi = _mm512_mask_mov_epi32(r.hi, refill, _mm512_permutex2var_epi32(w0, odd, w1));
+                r.lo = _mm512_mask_mov_epi32(r.lo, refill, _mm512_permutex2var_epi32(w0, even, w1));
                 r.wb = _mm512_mask_mov_epi32(r.wb, refill, byte);
             }
             let s = _mm512_sub_epi32(r.bp, _mm512_slli_epi32::<3>(r.wb));
@@ -848,16 +883,24 @@ mod simd {
                 let top = _mm512_sllv_epi32(_mm512_set1_epi32(1), size);
                 let neg = _mm512_cmplt_epi32_mask(v, _mm512_srli_epi32::<1>(top));
                 let v = _mm512_mask_add_epi32(v, neg, v, _mm512_sub_epi32(_mm512_set1_epi32(1), top));
-                let to = _mm512_add_epi32(r.region, r.n);
                 // The block start only in a lane's first `positions` records.
                 let with_pos = _mm512_mask_cmplt_epu32_mask(is_dc, r.n, keep);
-                // SAFETY (both scatters): lane l writes record n[l] < cap of its region
-                // l·cap.. (`run` keeps a chunk's room, one record a step).
-                if with_pos != 0 {
-                    _mm512_mask_i32scatter_epi32::<4>(at.as_mut_ptr() as *mut i32, with_pos, to, _mm512_or_si512(_mm512_slli_epi32::<SLOT_BITS>(r.bp), r.slot));
+                // The record into the lane's next free slot, for `flush` to write.
+                let start = _mm512_or_si512(_mm512_slli_epi32::<SLOT_BITS>(r.bp), r.slot);
+                for j in 0..FLUSH {
+                    let here = _mm512_mask_cmpeq_epi32_mask(is_dc, r.pending, _mm512_set1_epi32(j as i32));
+                    r.dc[j] = _mm512_mask_mov_epi32(r.dc[j], here, v);
+                    if with_pos != 0 {
+                        r.at[j] = _mm512_mask_mov_epi32(r.at[j], here & with_pos, start);
+                    }
                 }
-                _mm512_mask_i32scatter_epi32::<4>(dc.as_mut_ptr() as *mut i32, is_dc, to, v);
+                r.at_pending |= with_pos != 0;
+                r.pending = _mm512_mask_add_epi32(r.pending, is_dc, r.pending, _mm512_set1_epi32(1));
                 r.n = _mm512_mask_add_epi32(r.n, is_dc, r.n, _mm512_set1_epi32(1));
+                // A lane adds at most one record a step: written out once one has FLUSH.
+                if _mm512_cmpeq_epi32_mask(r.pending, _mm512_set1_epi32(FLUSH as i32)) != 0 {
+                    flush(r, at, dc);
+                }
             }
             r.bp = _mm512_mask_add_epi32(r.bp, live, r.bp, n);
             let k = _mm512_add_epi32(r.k, adv);
@@ -868,11 +911,63 @@ mod simd {
             true
         }
 
+        /// Writes each lane's buffered records after its earlier ones in its region (block
+        /// starts only where one is buffered): all [`FLUSH`] slots of every lane, as one
+        /// 16-byte store a lane and array (past the counted ones they are stale values, at
+        /// places the lane's next records overwrite and nothing reads before). Plain
+        /// stores, against a scatter a step (sixteen stores to as many lines, a fifth of
+        /// the steps' time on a Zen 4).
+        ///
+        /// # Safety
+        /// AVX-512 F present; every lane's region has room for FLUSH records past its
+        /// `n − pending` (`run` keeps a chunk's room and FLUSH more).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn flush(r: &mut Regs, at: &mut [u32], dc: &mut [u32]) {
+            let to = store(_mm512_add_epi32(r.region, _mm512_sub_epi32(r.n, r.pending)));
+            debug_assert!(to.iter().all(|&t| t as usize + FLUSH <= dc.len().min(at.len())));
+            // SAFETY (both): as the caller vouches.
+            write_slots(r.dc, &to, dc.as_mut_ptr());
+            if r.at_pending {
+                write_slots(r.at, &to, at.as_mut_ptr());
+                r.at_pending = false;
+            }
+            r.pending = _mm512_setzero_si512();
+        }
+
+        /// Lane l's four slots (element l of each of `s`) to `out[to[l]..][..4]`.
+        ///
+        /// # Safety
+        /// AVX-512 F present; each `out[to[l]..][..4]` writable.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn write_slots(s: [__m512i; FLUSH], to: &[u32; 16], out: *mut u32) {
+            const { assert!(FLUSH == 4, "a 4 × 4 transpose per 128-bit lane") };
+            let [a, b, c, d] = s;
+            let (ab_lo, ab_hi) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+            let (cd_lo, cd_hi) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+            // q[m]'s 128-bit part j: lane 4j + m's four slots, in order.
+            let q = [
+                _mm512_unpacklo_epi64(ab_lo, cd_lo),
+                _mm512_unpackhi_epi64(ab_lo, cd_lo),
+                _mm512_unpacklo_epi64(ab_hi, cd_hi),
+                _mm512_unpackhi_epi64(ab_hi, cd_hi),
+            ];
+            for (m, q) in q.iter().enumerate() {
+                _mm_storeu_si128(out.add(to[m] as usize) as *mut __m128i, _mm512_castsi512_si128(*q));
+                _mm_storeu_si128(out.add(to[4 + m] as usize) as *mut __m128i, _mm512_extracti32x4_epi32::<1>(*q));
+                _mm_storeu_si128(out.add(to[8 + m] as usize) as *mut __m128i, _mm512_extracti32x4_epi32::<2>(*q));
+                _mm_storeu_si128(out.add(to[12 + m] as usize) as *mut __m128i, _mm512_extracti32x4_epi32::<3>(*q));
+            }
+        }
+
         /// The lanes in `which` take a scalar step (a code longer than the lookup), their
         /// records written to their regions.
         #[cold]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn scalar_steps(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], which: u16, cap: usize, at: &mut [u32], dc: &mut [u32]) {
+            // Records go straight to the regions here: the buffered ones first.
+            flush(r, at, dc);
             let (mut bp, mut k, mut slot, mut stop, mut n) = (store(r.bp), store(r.k), store(r.slot), store(r.stop), store(r.n));
             let region = store(r.region);
             for i in (0..16).filter(|i| which >> i & 1 != 0) {
