@@ -869,8 +869,9 @@ mod simd {
             // A skip entry's first symbol alone (its fields 13 bits up) where it ends the
             // block; a DC entry has zeros there.
             let adv1 = _mm512_and_si512(_mm512_srli_epi32::<19>(e), _mm512_set1_epi32(127));
-            let single = _mm512_srli_epi32::<6>(_mm512_add_epi32(r.k, adv1));
-            let f = _mm512_srlv_epi32(e, _mm512_mullo_epi32(single, _mm512_set1_epi32(13)));
+            // (A mask, not a multiply by 13: vpmulld's latency is on the steps' chain.)
+            let single = _mm512_cmpge_epu32_mask(_mm512_add_epi32(r.k, adv1), _mm512_set1_epi32(64));
+            let f = _mm512_mask_srli_epi32::<13>(e, single, e);
             let n = _mm512_and_si512(f, _mm512_set1_epi32(63));
             let adv = _mm512_and_si512(_mm512_srli_epi32::<6>(f), _mm512_set1_epi32(127));
             // DC lanes: the value after the code (`coefficient`), and the block's record.
