@@ -380,12 +380,11 @@ fn slow(scan: &Scan, buf: u64, slot: usize, is_dc: bool) -> Option<(u32, u32, i3
     }
 }
 
-/// A lane: its state after the vector steps, and its records: their block starts, and
-/// the DC differences of those past the vector steps' `nv` (whose own stay in their
-/// region, read from there by [`assemble`]). Of the vector steps' records only the first
-/// [`Lane::known`] hold their block start; the others hold the last known one in its
-/// place: they all lie before the lane's stop, where no other lane's blocks start, and
-/// later records (scalar steps) hold theirs.
+/// A lane: its state after the vector steps, and its records: the vector steps' `nv`
+/// (whose DC differences stay in their region, read from there by [`assemble`]), then
+/// those of scalar steps past them. `at` holds the block starts of the first
+/// [`Lane::known`] vector records and then of every scalar one; `dc` the scalar ones' DC
+/// differences.
 #[derive(Default)]
 struct Lane {
     hot: Hot,
@@ -399,6 +398,45 @@ impl Lane {
     /// less than the vector steps' `nv`, fewer than those).
     fn known(&self, scan: &Scan) -> usize {
         self.nv.min(scan.positions)
+    }
+
+    /// Records, the vector steps' and the scalar ones'.
+    fn len(&self) -> usize {
+        self.nv + self.dc.len()
+    }
+
+    /// Record `i`'s block start (with its slot), or `None` past the last. A vector record
+    /// whose start was not kept reads as the last kept one (0 if none): they all lie
+    /// before the lane's stop, where no other lane's blocks start, so in the searches of
+    /// [`splice`] any of them is as good as its own, and the order stays sorted.
+    fn at(&self, i: usize) -> Option<u32> {
+        let known = self.at.len() - self.dc.len();
+        if i < known {
+            Some(self.at[i])
+        } else if i < self.nv {
+            Some(self.at[..known].last().copied().unwrap_or(0))
+        } else {
+            self.at.get(known + i - self.nv).copied()
+        }
+    }
+
+    /// The first record from `from` on whose block start is not before `pos` (by
+    /// [`at`](Self::at); the records' starts are sorted), or [`len`](Self::len).
+    fn first_from(&self, from: usize, pos: usize) -> usize {
+        let before = |x: u32| ((x >> SLOT_BITS) as usize) < pos;
+        let known = self.at.len() - self.dc.len();
+        if from < known {
+            let i = from + self.at[from..known].partition_point(|&x| before(x));
+            if i < known {
+                return i;
+            }
+        }
+        let from = from.max(known);
+        if from < self.nv && !before(self.at(from).unwrap_or(0)) {
+            return from;
+        }
+        let from = from.max(self.nv);
+        from + self.at[known + from - self.nv..].partition_point(|&x| before(x))
     }
 }
 
@@ -465,8 +503,6 @@ fn decode_keeping(data: &[u8], hd: &Header, positions: Option<usize>) -> Option<
             lane.nv = n[l];
             lane.at.clear();
             lane.at.extend_from_slice(&at[l * cap..][..lane.known(&scan)]);
-            let last = lane.at.last().copied().unwrap_or(0);
-            lane.at.resize(n[l], last);
             lane.dc.clear();
         }
         let planes = splice(&scan, lanes, hd).and_then(|(runs, spliced)| Some((assemble(&scan, lanes, &runs, hd, (dc, cap), spliced_recs)?, spliced)));
@@ -495,7 +531,7 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
     for l in 1..lanes.len() {
         let (head, tail) = lanes.split_at_mut(l);
         let (a, b) = (&mut head[cur], &tail[0]);
-        if have + a.at.len() - from > total {
+        if have + a.len() - from > total {
             break; // the true decoding already holds every block and the end
         }
         // Only b's first records hold their block starts: the true decoding must meet it
@@ -506,13 +542,13 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
             continue;
         }
         let (first, last) = (pos(b.at[0]), pos(b.at[bk - 1]));
-        let mut i = from + a.at[from..].partition_point(|&x| pos(x) < first);
+        let mut i = a.first_from(from, first);
         let mut j = 0;
         let met = loop {
-            while i >= a.at.len() && !a.hot.dead && a.hot.bp <= last && have + a.at.len() - from <= total {
+            while i >= a.len() && !a.hot.dead && a.hot.bp <= last && have + a.len() - from <= total {
                 a.next_block(scan);
             }
-            let Some(&x) = a.at.get(i) else { break None };
+            let Some(x) = a.at(i) else { break None };
             while j < bk && pos(b.at[j]) < pos(x) {
                 j += 1;
             }
@@ -531,18 +567,18 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
     }
     // The true decoding on to a block start past the last block: where that one ends.
     let a = &mut lanes[cur];
-    while have + a.at.len() - from <= total && !a.hot.dead {
+    while have + a.len() - from <= total && !a.hot.dead {
         a.next_block(scan);
     }
-    if have + a.at.len() - from <= total {
+    if have + a.len() - from <= total {
         return None; // a code no table holds before the last block ends
     }
-    runs.push((cur, from, a.at.len()));
+    runs.push((cur, from, a.len()));
     // Where the last block ends must lie within the data.
     let mut left = total;
     for &(l, from, to) in &runs {
         if to - from > left {
-            if pos(lanes[l].at[from + left]) > scan.end_bits {
+            if lanes[l].at(from + left).is_some_and(|x| pos(x) > scan.end_bits) {
                 return None;
             }
             break;
@@ -550,6 +586,30 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
         left -= to - from;
     }
     Some((runs, spliced))
+}
+
+/// A stretch of spliced DC differences: a lane's vector records in its region (as u32),
+/// or its scalar ones.
+enum Seg<'a> {
+    Region(&'a [u32]),
+    Scalar(&'a [i32]),
+}
+
+impl Seg<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Seg::Region(r) => r.len(),
+            Seg::Scalar(d) => d.len(),
+        }
+    }
+
+    /// Its differences from `from` on into `out`, as many as `out` holds.
+    fn copy_to(&self, from: usize, out: &mut [i32]) {
+        match self {
+            Seg::Region(r) => out.iter_mut().zip(&r[from..]).for_each(|(o, &d)| *o = d as i32),
+            Seg::Scalar(d) => out.copy_from_slice(&d[from..from + out.len()]),
+        }
+    }
 }
 
 /// The spliced DC differences, and block starts where needed, in scan order.
@@ -565,25 +625,20 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
     let mut planes = hd.new_planes();
     let (mx, my) = hd.mcus();
     let total = mx * my * scan.bpm;
-    // The spliced DC differences (and, for sub-block components, block starts) in order.
     let sub = hd.comps.iter().any(Component::sub_blocks);
-    let Spliced { dcs, ats } = buf;
-    dcs.clear();
-    ats.clear();
+    // The slices the spliced DC differences lie in, in order: each run's vector records
+    // in their region, then its scalar ones.
+    let mut segs: Vec<Seg> = Vec::with_capacity(2 * runs.len());
     for &(l, from, to) in runs {
-        let lane = &lanes[l];
-        let nv = lane.nv;
+        let nv = lanes[l].nv;
         if from < nv {
-            dcs.extend(regions[l * cap..][from..to.min(nv)].iter().map(|&d| d as i32));
+            segs.push(Seg::Region(&regions[l * cap..][from..to.min(nv)]));
         }
         if to > nv {
-            dcs.extend_from_slice(&lane.dc[from.max(nv) - nv..to - nv]);
-        }
-        if sub {
-            ats.extend_from_slice(&lanes[l].at[from..to]);
+            segs.push(Seg::Scalar(&lanes[l].dc[from.max(nv) - nv..to - nv]));
         }
     }
-    if dcs.len() < total {
+    if segs.iter().map(Seg::len).sum::<usize>() < total {
         return None;
     }
     // Each slot: its component, its block within the MCU, and, for sub-block samples,
@@ -603,10 +658,25 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
         // plane in turn.
         // The predictions of a row first (a chain of adds per component, all components in
         // one pass, whose chains overlap), then their levels (no chain: vectorised).
+        // A row's differences are copied from the slices into a buffer that stays in L1,
+        // not all of them into one array first (2 MB for a 12 MP photo).
         let q: Vec<i32> = hd.comps.iter().map(|c| c.quant[0]).collect();
         let n = q.len();
         let mut preds = vec![0i32; mx * n];
-        for (by, row) in dcs[..total].chunks_exact(mx * n).enumerate() {
+        let mut row = vec![0i32; mx * n];
+        let mut at = (0, 0); // (slice, offset)
+        for by in 0..my {
+            let mut filled = 0;
+            while filled < row.len() {
+                let seg = &segs[at.0];
+                let k = (seg.len() - at.1).min(row.len() - filled);
+                seg.copy_to(at.1, &mut row[filled..filled + k]);
+                filled += k;
+                at.1 += k;
+                if at.1 == seg.len() {
+                    at = (at.0 + 1, 0);
+                }
+            }
             for (x, mcu) in row.chunks_exact(n).enumerate() {
                 for (c, &d) in mcu.iter().enumerate() {
                     pred[c] = pred[c].wrapping_add(d);
@@ -618,6 +688,24 @@ fn assemble(scan: &Scan, lanes: &[Lane], runs: &[(usize, usize, usize)], hd: &He
             }
         }
         return Some(planes);
+    }
+    // Otherwise the spliced DC differences (and, for sub-block components, block starts)
+    // in order, in one array.
+    let Spliced { dcs, ats } = buf;
+    dcs.clear();
+    ats.clear();
+    for seg in &segs {
+        match seg {
+            Seg::Region(r) => dcs.extend(r.iter().map(|&d| d as i32)),
+            Seg::Scalar(d) => dcs.extend_from_slice(d),
+        }
+    }
+    if sub {
+        for &(l, from, to) in runs {
+            // Every block start is kept here, so the records' starts are `at` as it is.
+            debug_assert_eq!(lanes[l].at.len(), lanes[l].len());
+            ats.extend_from_slice(&lanes[l].at[from..to]);
+        }
     }
     let mut i = 0;
     for by in 0..my {
@@ -1121,7 +1209,7 @@ mod tests {
                 // The flat part's lanes outgrew their first record regions.
                 let hd = Header::parse(&bytes).unwrap();
                 let (mx, my) = hd.mcus();
-                let most = BUFFERS.with_borrow(|(lanes, ..)| lanes.iter().map(|l| l.at.len()).max().unwrap_or(0));
+                let most = BUFFERS.with_borrow(|(lanes, ..)| lanes.iter().map(Lane::len).max().unwrap_or(0));
                 assert!(most > mx * my * 3 / L * 2, "{most} records in one lane");
             }
             checked += 1;
