@@ -872,8 +872,15 @@ mod simd {
                 }
                 let mut any = false;
                 for _ in 0..CHUNK {
-                    for r in regs.iter_mut() {
-                        any |= step(scan, r, hot, (bases, bpm, keep), *cap, at, dc);
+                    let mut fronts = [None; L / 16];
+                    for (f, r) in fronts.iter_mut().zip(regs.iter_mut()) {
+                        *f = front(scan, r, bases);
+                    }
+                    for (f, r) in fronts.into_iter().zip(regs.iter_mut()) {
+                        if let Some(f) = f {
+                            back(scan, r, hot, f, (bpm, keep), *cap, at, dc);
+                            any = true;
+                        }
                     }
                 }
                 for r in regs.iter_mut() {
@@ -893,15 +900,18 @@ mod simd {
             }
         }
 
-        /// One step of sixteen lanes (those short of their stops); false when none is.
+        /// The first half of a step of sixteen lanes (those short of their stops; `None`
+        /// when none is): their next bits and table entries, `(live, window, entry, AC
+        /// lanes)`. `bases`: each slot's table bases, broadcast. `run` takes the first
+        /// halves of both registers' steps before the second halves, so that their
+        /// gathers are in flight together (grainy 12 MP photos 3–5% faster on a Zen 4;
+        /// the bench's files, with fewer codes a block, the same).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
-        /// `(bases, bpm, keep)`: each slot's table bases, blocks per MCU, and
-        /// [`Scan::positions`], broadcast.
-        unsafe fn step(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], (bases, bpm, keep): (__m512i, __m512i, __m512i), cap: usize, at: &mut [u32], dc: &mut [u32]) -> bool {
+        unsafe fn front(scan: &Scan, r: &mut Regs, bases: __m512i) -> Option<(u16, __m512i, __m512i, u16)> {
             let live = _mm512_cmplt_epu32_mask(r.bp, r.stop);
             if live == 0 {
-                return false;
+                return None;
             }
             let data = scan.data.as_ptr() as *const i32;
             // The next 32 bits of each lane, from its 64 buffered ones; lanes that have
@@ -949,6 +959,14 @@ mod simd {
             } else {
                 e
             };
+            Some((live, win, e, is_ac))
+        }
+
+        /// The second half of the step begun by [`front`]: the lanes' records and their
+        /// advance. `(bpm, keep)`: blocks per MCU and [`Scan::positions`], broadcast.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn back(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], (live, win, e, is_ac): (u16, __m512i, __m512i, u16), (bpm, keep): (__m512i, __m512i), cap: usize, at: &mut [u32], dc: &mut [u32]) {
             let long = _mm512_mask_cmpeq_epi32_mask(live, e, _mm512_setzero_si512());
             if long != 0 {
                 scalar_steps(scan, r, hot, long, cap, at, dc);
@@ -997,7 +1015,6 @@ mod simd {
             r.k = _mm512_mask_mov_epi32(r.k, live, _mm512_maskz_mov_epi32(!end, k));
             let slot = _mm512_mask_add_epi32(r.slot, end, r.slot, _mm512_set1_epi32(1));
             r.slot = _mm512_mask_mov_epi32(slot, _mm512_cmpeq_epi32_mask(slot, bpm), _mm512_setzero_si512());
-            true
         }
 
         /// Writes each lane's buffered records after its earlier ones in its region (block
