@@ -884,6 +884,8 @@ mod simd {
                     }
                 }
                 for r in regs.iter_mut() {
+                    // SAFETY: the room checked above holds this chunk's records and FLUSH
+                    // more (a lane adds at most one a step).
                     flush(r, at, dc);
                 }
                 if !any {
@@ -1006,6 +1008,7 @@ mod simd {
                 r.n = _mm512_mask_add_epi32(r.n, is_dc, r.n, _mm512_set1_epi32(1));
                 // A lane adds at most one record a step: written out once one has FLUSH.
                 if _mm512_cmpeq_epi32_mask(r.pending, _mm512_set1_epi32(FLUSH as i32)) != 0 {
+                    // SAFETY: `run` keeps room for a chunk's records and FLUSH more.
                     flush(r, at, dc);
                 }
             }
@@ -1072,7 +1075,8 @@ mod simd {
         #[cold]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn scalar_steps(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], which: u16, cap: usize, at: &mut [u32], dc: &mut [u32]) {
-            // Records go straight to the regions here: the buffered ones first.
+            // Records go straight to the regions here: the buffered ones first. SAFETY:
+            // `run` keeps room for a chunk's records and FLUSH more.
             flush(r, at, dc);
             let (mut bp, mut k, mut slot, mut stop, mut n) = (store(r.bp), store(r.k), store(r.slot), store(r.stop), store(r.n));
             let region = store(r.region);
