@@ -976,12 +976,12 @@ fn decode_scan(data: &[u8], starts: &[usize], hd: &Header) -> Option<Vec<Plane>>
     let dc: Vec<&Huffman> = hd
         .comps
         .iter()
-        .map(|c| hd.dc_tables[c.dc].as_ref().unwrap())
+        .map(|c| hd.dc_tables[c.dc].as_ref().expect("checked at parse"))
         .collect();
     let ac: Vec<&Huffman> = hd
         .comps
         .iter()
-        .map(|c| hd.ac_tables[c.ac].as_ref().unwrap())
+        .map(|c| hd.ac_tables[c.ac].as_ref().expect("checked at parse"))
         .collect();
     let weights: Vec<Vec<[f32; 4]>> = hd.comps.iter().map(sample_weights).collect();
     let total = mx * my;
@@ -1069,7 +1069,7 @@ impl<'a> BitReader<'a> {
     #[inline(always)]
     fn refill(&mut self) {
         let next = match self.data.get(self.pos..self.pos + 8) {
-            Some(w) => u64::from_be_bytes(w.try_into().unwrap()),
+            Some(w) => u64::from_be_bytes(w.try_into().expect("a slice of 8 bytes")),
             None => 0, // past the padding: only corrupt data gets here, caught by the caller
         };
         self.buf |= next >> self.bits;
