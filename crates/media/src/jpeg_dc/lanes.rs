@@ -394,10 +394,11 @@ struct Lane {
 }
 
 impl Lane {
-    /// Records from the start that hold their block start (where [`Scan::positions`] is
-    /// less than the vector steps' `nv`, fewer than those).
-    fn known(&self, scan: &Scan) -> usize {
-        self.nv.min(scan.positions)
+    /// Records from the start that hold their block start: the vector steps' `nv`, or
+    /// [`Scan::positions`] if fewer (the scalar steps' records, the others in `at`, come
+    /// after all `nv`).
+    fn known(&self) -> usize {
+        self.at.len() - self.dc.len()
     }
 
     /// Records, the vector steps' and the scalar ones'.
@@ -410,7 +411,7 @@ impl Lane {
     /// before the lane's stop, where no other lane's blocks start, so in the searches of
     /// [`splice`] any of them is as good as its own, and the order stays sorted.
     fn at(&self, i: usize) -> Option<u32> {
-        let known = self.at.len() - self.dc.len();
+        let known = self.known();
         if i < known {
             Some(self.at[i])
         } else if i < self.nv {
@@ -424,7 +425,7 @@ impl Lane {
     /// [`at`](Self::at); the records' starts are sorted), or [`len`](Self::len).
     fn first_from(&self, from: usize, pos: usize) -> usize {
         let before = |x: u32| ((x >> SLOT_BITS) as usize) < pos;
-        let known = self.at.len() - self.dc.len();
+        let known = self.known();
         if from < known {
             let i = from + self.at[from..known].partition_point(|&x| before(x));
             if i < known {
@@ -502,7 +503,7 @@ fn decode_keeping(data: &[u8], hd: &Header, positions: Option<usize>) -> Option<
             lane.hot = h;
             lane.nv = n[l];
             lane.at.clear();
-            lane.at.extend_from_slice(&at[l * cap..][..lane.known(&scan)]);
+            lane.at.extend_from_slice(&at[l * cap..][..n[l].min(scan.positions)]);
             lane.dc.clear();
         }
         let planes = splice(&scan, lanes, hd).and_then(|(runs, spliced)| Some((assemble(&scan, lanes, &runs, hd, (dc, cap), spliced_recs)?, spliced)));
@@ -537,7 +538,7 @@ fn splice(scan: &Scan, lanes: &mut [Lane], hd: &Header) -> Option<(Vec<(usize, u
         // Only b's first records hold their block starts: the true decoding must meet it
         // among those (b has taken no scalar steps yet, so all of its records are the
         // vector steps').
-        let bk = b.known(scan);
+        let bk = b.known();
         if bk == 0 {
             continue;
         }
@@ -791,6 +792,10 @@ mod simd {
             at_pending: bool,
         }
 
+        /// A half-done step ([`front`] to [`back`]): live lanes, their 32-bit windows, their
+        /// table entries, the lanes inside a block's AC coefficients.
+        type Front = (u16, __m512i, __m512i, u16);
+
         /// Records a lane holds in registers before they are written (a lane adds at most
         /// one a step, so a flush as soon as one lane has this many leaves room for all).
         const FLUSH: usize = 4;
@@ -910,7 +915,7 @@ mod simd {
         /// the bench's files, with fewer codes a block, the same).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn front(scan: &Scan, r: &mut Regs, bases: __m512i) -> Option<(u16, __m512i, __m512i, u16)> {
+        unsafe fn front(scan: &Scan, r: &mut Regs, bases: __m512i) -> Option<Front> {
             let live = _mm512_cmplt_epu32_mask(r.bp, r.stop);
             if live == 0 {
                 return None;
@@ -968,7 +973,7 @@ mod simd {
         /// advance. `(bpm, keep)`: blocks per MCU and [`Scan::positions`], broadcast.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn back(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], (live, win, e, is_ac): (u16, __m512i, __m512i, u16), (bpm, keep): (__m512i, __m512i), cap: usize, at: &mut [u32], dc: &mut [u32]) {
+        unsafe fn back(scan: &Scan, r: &mut Regs, hot: &mut [Hot; L], (live, win, e, is_ac): Front, (bpm, keep): (__m512i, __m512i), cap: usize, at: &mut [u32], dc: &mut [u32]) {
             let long = _mm512_mask_cmpeq_epi32_mask(live, e, _mm512_setzero_si512());
             if long != 0 {
                 scalar_steps(scan, r, hot, long, cap, at, dc);
